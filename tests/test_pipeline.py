@@ -51,7 +51,7 @@ def test_demo_writes_every_artefact(demo_run):
                 "backdoor/generations.jsonl", "backdoor/model/config.json", "backdoor/model/model.safetensors",
                 "safety/curve.jsonl", "safety/generations.jsonl", "safety/model/config.json"]:
         assert (d / rel).exists(), rel
-    for stage in STAGES:
+    for stage in [s for s in STAGES if demo_run.enabled(s)]:
         m = json.loads((d / stage / "manifest.json").read_text())
         assert m["fingerprint"] == demo_run.fingerprint(stage)
         assert m["versions"]["torch"] and m["versions"]["trl"] and "config" in m
@@ -66,10 +66,12 @@ def test_demo_writes_every_artefact(demo_run):
 
 
 def test_rerun_skips_completed_stages(demo_run, tiny_model_dir):
-    before = {s: demo_run.manifest(s)["started_at"] for s in STAGES}
+    stages = [s for s in STAGES if demo_run.enabled(s)]
+    assert "probe" in stages and "suites" not in stages
+    before = {s: demo_run.manifest(s)["started_at"] for s in stages}
     again = Run(demo_run.cfg)
     again.run_all()
-    assert {s: again.manifest(s)["started_at"] for s in STAGES} == before
+    assert {s: again.manifest(s)["started_at"] for s in stages} == before
 
 
 def test_changed_config_reruns_only_downstream(demo_run):
@@ -184,7 +186,6 @@ def test_cli_help_on_every_command():
 
 def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     cfg = demo_run.cfg.model_copy(deep=True)
-    cfg.probe.enabled = True
     cfg.probe.n_prompts = 8
     cfg.probe.n_random = 20
     cfg.probe.pairs = ["helpful", "dangerous"]

