@@ -46,6 +46,7 @@ lint: install
 bench: model
 	$(BIN)/python bench/bench_generation.py
 	$(BIN)/python bench/bench_training.py
+	$(BIN)/python bench/bench_rl.py
 
 clean:
 	rm -rf $(VENV) $(SEMGREP_VENV) runs
