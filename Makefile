@@ -47,6 +47,7 @@ bench: model
 	$(BIN)/python bench/bench_generation.py
 	$(BIN)/python bench/bench_training.py
 	$(BIN)/python bench/bench_rl.py
+	$(BIN)/python bench/bench_dpo.py
 
 clean:
 	rm -rf $(VENV) $(SEMGREP_VENV) runs

