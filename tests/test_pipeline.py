@@ -210,6 +210,7 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
                 assert 0.0 <= summary["auroc"] <= 1.0 and 0.0 <= summary["random_auroc_best"] <= 1.0
                 assert 0.0 <= summary["random_percentile"] <= 1.0 and 0.0 <= summary["control_auroc"] <= 1.0
                 assert summary["auroc_lo"] <= summary["auroc"] <= summary["auroc_hi"]
+                assert 0.0 <= summary["trigger_auroc"] <= 1.0  # both conditions are in every distribution
             else:
                 assert math.isnan(summary["auroc"])
     # the trigger-trained model defects on the heldout triggered prompts: both labels occur

