@@ -66,6 +66,7 @@ def test_unchanged_model_is_served_from_its_folder(fake_vllm, tiny_model_dir, tm
     (built,) = RecordingLLM.built
     assert built["model"] == str(Path(tiny_model_dir).resolve()) and built["trust_remote_code"] is False
     assert built["tensor_parallel_size"] == 1 and built["enable_lora"] is True
+    assert built["load_format"] == "safetensors"  # vLLM's "auto" would fall back to a pickled *.bin
     inputs, params, lora = VLLMGenerator._engine.calls[0]
     assert lora is None and params[0].temperature == 0.7 and params[0].stop == ["</code>"]
     assert params[0].seed != params[1].seed  # each prompt its own sample stream

