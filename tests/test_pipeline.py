@@ -202,7 +202,7 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     for dist in ("heldout", "cross"):
         per_layer = res["models"]["backdoored"][dist]
         assert len(per_layer) == n_layers
-        rows = [r for r in labels if r["distribution"] == dist]
+        rows = [r for r in labels if r["distribution"] == dist and r["split"] == "test"]  # what is reported
         both = 0 < sum(r["defected"] for r in rows) < len(rows)
         for summary in per_layer.values():
             assert summary["n"] == len(rows)

