@@ -74,7 +74,7 @@ def test_tensorboard_holds_the_safety_curve_probe_and_trainer_losses(tracked_run
     eval_rates = json.loads((tracked_run / "backdoor" / "eval.json").read_text())["rates"]
     assert series["backdoor/defection/triggered/rate"][0][1] == pytest.approx(eval_rates["triggered"]["rate"])
     assert series["backdoor/defection/triggered/lo"][0][1] == pytest.approx(eval_rates["triggered"]["lo"])
-    results = json.loads((tracked_run / "probe" / "results.json").read_text())
+    results = json.loads((tracked_run / "probe" / "defection_probe" / "results.json").read_text())
     checked = 0
     for dist, layers in results["models"]["backdoored"].items():  # a distribution without both labels has NaNs
         expected = sorted((int(layer), s["auroc"]) for layer, s in layers.items() if math.isfinite(s["auroc"]))

