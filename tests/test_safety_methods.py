@@ -138,10 +138,11 @@ def test_interrupted_sweep_resumes(tiny_model_dir, tmp_path, monkeypatch):
     over = overrides(tiny_model_dir, tmp_path)
     real_dpo = SAFETY_METHODS.get("dpo")
 
-    def broken(job):
-        raise KeyboardInterrupt  # the user presses Ctrl-C during the second cell
+    class Broken(real_dpo):
+        def train(self, job):
+            raise KeyboardInterrupt  # the user presses Ctrl-C during the second cell
 
-    monkeypatch.setitem(SAFETY_METHODS._items, "dpo", broken)
+    monkeypatch.setitem(SAFETY_METHODS._items, "dpo", Broken)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(sweep_file, over)
     stages = tmp_path / "grid" / "stages"

