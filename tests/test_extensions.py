@@ -27,7 +27,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_four_toy_extensions_run_end_to_end_through_the_cli(tiny_model_dir, tmp_path):
     config = {
         "name": "toy", "plugins": [f"extensions/{f}" for f in FILES],
-        "data": {"backdoor": "toy_banana", "toy_banana": {"word": "BANANA"}},
+        "data": {"backdoor": "toy_banana", "backdoor_args": {"word": "BANANA"}},
         "safety_training": {"method": "toy_half_sft", "toy_half_sft": {"share": 0.5}},
         "probe": {"enabled": True, "detectors": ["defection_probe", "toy_length_shift"],
                   "toy_length_shift": {"n_prompts": 6}},

