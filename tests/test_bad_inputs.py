@@ -118,6 +118,8 @@ CASES = [
     Case("eval-every-zero", ["safety_training.eval_every=0"], ("safety_training.eval_every",)),
     Case("rl-algorithm-unknown", ["safety_training.rl.algorithm=reinforce"], ("safety_training.rl.algorithm",)),
     Case("rl-one-generation", ["safety_training.rl.num_generations=1"], ("safety_training.rl.num_generations",)),
+    Case("rl-ppo-before-training", ["safety_training.method=rl", "safety_training.rl.algorithm=ppo"],
+         ("safety_training.rl.algorithm", "ppo")),
     Case("adversarial-fraction", ["safety_training.adversarial.fraction=0.9"],
          ("safety_training.adversarial.fraction",)),
     Case("probe-recall-above-one", ["probe.defection_probe.recalls=[1.5]"],

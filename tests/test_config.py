@@ -71,3 +71,21 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 def test_hf_ids_pass_through():
     assert resolve_model_source("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_components_in_use_get_their_defaults_written_out(tmp_path):
+    """The resolved config shows the selected method's, backend's and detectors' settings, and spelling a default
+    out leaves the stage fingerprints alone (nothing re-runs for it)."""
+    base = "name: x\nsafety_training: {method: adversarial}\nprobe: {enabled: true}\n"
+    cfg = load_config(write(tmp_path, base))
+    dumped = cfg.model_dump(mode="json")
+    assert dumped["safety_training"]["adversarial"] == {"base_method": "sft", "fraction": 0.5}
+    assert dumped["safety_training"]["sft"] == {"cot_mode": "pre_scratchpad"}  # the base method's, too
+    assert "rl" not in dumped["safety_training"] and dumped["generation"]["backend"] == "hf"
+    assert dumped["probe"]["defection_probe"]["pairs"] == ["helpful"]
+    spelled = load_config(write(tmp_path, base), ["safety_training.sft.cot_mode=pre_scratchpad",
+                                                  "probe.defection_probe.n_random=100"])
+    for section in ("safety_training", "probe", "generation"):
+        assert spelled.section_hash(section) == cfg.section_hash(section)
+    changed = load_config(write(tmp_path, base), ["safety_training.sft.cot_mode=post_scratchpad"])
+    assert changed.section_hash("safety_training") != cfg.section_hash("safety_training")
