@@ -48,7 +48,7 @@ def drop_additions(a, b, path=""):
             ADDED.add(f"{path}.{k}")
         return {k: drop_additions(a[k], b[k], f"{path}.{k}") for k in b if k in a}
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [drop_additions(x, y, path) for x, y in zip(a, b)]
+        return [drop_additions(x, y, path) for x, y in zip(a, b, strict=True)]
     return b
 
 
