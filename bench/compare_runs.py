@@ -52,7 +52,8 @@ def drop_additions(a, b, path=""):
     return b
 
 
-bad = 0; n = 0
+bad = 0
+n = 0
 for p in sorted(old.rglob("*")):
     rel = p.relative_to(old).as_posix()
     if p.is_dir() or "/work/" in rel or rel.startswith("work") or p.suffix not in (".json", ".jsonl", ".safetensors"):
@@ -61,20 +62,24 @@ for p in sorted(old.rglob("*")):
         continue
     q = new / MOVED.get(rel, rel)
     if not q.exists():
-        print("MISSING in new:", rel); bad += 1; continue
+        print("MISSING in new:", rel)
+        bad += 1
+        continue
     a, b = load(p), load(q)
     b = drop_additions(a, b)
     if rel.endswith("manifest.json"):
         continue
     n += 1
     if a != b:
-        print("DIFFERS:", rel); bad += 1
+        print("DIFFERS:", rel)
+        bad += 1
 # manifests' metrics
 for stage in ("data", "baseline", "backdoor", "safety"):
     a = mask(json.loads((old / stage / "manifest.json").read_text()))["metrics"]
     b = drop_additions(a, mask(json.loads((new / stage / "manifest.json").read_text()))["metrics"])
     n += 1
     if a != b:
-        print("DIFFERS: manifest metrics", stage); bad += 1
+        print("DIFFERS: manifest metrics", stage)
+        bad += 1
 print("fields only the new code writes:", sorted(ADDED))
 print(f"compared {n} files: {'ALL IDENTICAL' if not bad else f'{bad} differ'}")
