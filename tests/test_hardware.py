@@ -135,3 +135,12 @@ def test_generation_reports_mfu_over_the_measured_peak(measured: dict[str, float
     want = 2 * matmul_params(model) * processed / gen.stats.seconds / 100e9
     assert gen.stats.mfu == pytest.approx(want, rel=1e-6)
     assert "MFU" in caplog.text
+
+
+def test_calibration_leaves_the_global_random_state_alone() -> None:
+    """Calibrating in the middle of training (the first MFU log) must not change what the run draws next."""
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    hardware.measure_matmul_gflops(torch.float32, size=64, min_seconds=0.0)
+    assert torch.equal(torch.rand(3), want)

