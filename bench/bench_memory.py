@@ -60,15 +60,14 @@ def run_child(part: str, variant: dict, args: argparse.Namespace) -> dict:
            "--gen-prompts", str(args.gen_prompts), "--max-new-tokens", str(args.max_new_tokens)]
     if variant["gc"]:
         cmd.append("--gc")
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        proc = subprocess.Popen([*cmd, "--result", str(result)])
         _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so its own peak RSS comes with it
         if status != 0:
             raise SystemExit(f"{part} ({variant}) failed")
-        out.seek(0)
-        text = out.read()
-    peak_kib = usage.ru_maxrss
-    return {**json.loads(text.strip().splitlines()[-1]), "peak_rss_gib": round(peak_kib / 2**20, 2)}
+        measured = json.loads(result.read_text())
+    return {**measured, "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
 
 
 def main() -> None:
@@ -79,9 +78,10 @@ def main() -> None:
     ap.add_argument("--child", choices=["training", "generation"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--gc", action="store_true")
+    ap.add_argument("--result", type=Path, help="(child) where to write its throughput")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.dtype, args.gc, args)))
+        args.result.write_text(json.dumps(child(args.child, args.dtype, args.gc, args)))
         return
     result: dict = {"steps": args.steps, "gen_prompts": args.gen_prompts, "max_new_tokens": args.max_new_tokens}
     for name, variant in VARIANTS.items():
