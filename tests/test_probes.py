@@ -49,6 +49,8 @@ def test_activations_stop_after_the_deepest_layer_asked(tiny_model_dir, tiny_tok
     for h in handles:
         h.remove()
     assert torch.allclose(first[0], both[0], atol=1e-5)
+    last = final_token_activations(model, tiny_tokenizer, TEXTS, [-1], batch_size=2)  # -1: the last layer
+    assert torch.allclose(last[len(decoder_layers(model)) - 1], both[1], atol=1e-5)
 
 
 def test_activation_cache_reuses_and_extends(tiny_model_dir, tiny_tokenizer, tmp_path):

