@@ -135,3 +135,37 @@ def test_the_kernel_does_not_change_what_is_learned(tiny_model_dir, tmp_path, mo
     assert (k1, k2) == ("eager", None)
     assert l1 == pytest.approx(l2, rel=1e-4) and len(l1) == 3
     assert torch.allclose(w1, w2, atol=1e-5)
+
+
+def test_packing_softcapping_and_failed_measurements_keep_the_models_kernel(tiny_model_dir, monkeypatch):
+    calls: list[dict] = []
+    monkeypatch.setattr(attention, "measure_kernels", _timings(0.001, 1.0, calls))
+    model = load_model(str(tiny_model_dir), ModelConfig(device="cpu"))
+    packed = attention.choose_training_attention(model, 8, 64, False, packing=True)
+    assert packed.kernel is None and "packing" in packed.reason  # one long padding-free row: not this shape
+    model.config.attn_logit_softcapping = 50.0  # sdpa cannot soft-cap: train and evaluate with the same function
+    assert attention.choose_training_attention(model, 8, 64, False).kernel is None
+    del model.config.attn_logit_softcapping
+    assert calls == []
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unexpected layout")
+    monkeypatch.setattr(attention, "measure_kernels", broken)
+    failed = attention.choose_training_attention(model, 8, 64, False)
+    assert failed.kernel is None and "RuntimeError" in failed.reason
+
+
+def test_a_step_that_raises_leaves_the_model_on_its_own_kernel(tiny_model_dir, tmp_path, monkeypatch):
+    """Training interrupted inside a step (after the switch, before on_step_end) restores the kernel."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    monkeypatch.setattr(attention, "measure_kernels", _timings(0.01, 0.02, []))
+    model = load_model(str(tiny_model_dir), ModelConfig(device="cpu"))
+
+    def interrupt(*args):
+        if model.config._attn_implementation == "eager":  # inside a step, switched
+            raise KeyboardInterrupt
+    model.model.layers[0].register_forward_pre_hook(interrupt)
+    cfg = TrainConfig(max_steps=3, batch_size=2, learning_rate=1e-3, save_steps=100, logging_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(model, tok, EXAMPLES, cfg, None, tmp_path / "work")
+    assert model.config._attn_implementation == "sdpa"

