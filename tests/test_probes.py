@@ -57,9 +57,14 @@ def test_activation_cache_reuses_and_extends(tiny_model_dir, tiny_tokenizer, tmp
     model = load_model(str(tiny_model_dir), ModelConfig(device="cpu"))
     cache = ActivationCache(tmp_path, "tiny")
     first = cache.get(model, tiny_tokenizer, TEXTS[:2], [0, 1])
-    assert (tmp_path / "tiny" / "layer_1.safetensors").exists()
+    assert len(list((tmp_path / "tiny").glob("acts-*.safetensors"))) == 1 and cache.computed == 2
     both = cache.get(model, tiny_tokenizer, TEXTS, [0, 1])
-    assert torch.equal(both[1][:2], first[1]) and both[1].shape[0] == 3
+    assert torch.equal(both[1][:2], first[1]) and both[1].shape[0] == 3 and cache.computed == 3  # only the new one
+    assert torch.allclose(both[1], final_token_activations(model, tiny_tokenizer, TEXTS, [1])[1], atol=1e-5)
+    (tmp_path / "tiny" / "acts-interrupted.tmp").write_bytes(b"cut short")  # a write killed before its rename
+    again = ActivationCache(tmp_path, "tiny")  # another run: read from disk, no model needed
+    assert torch.equal(again.get(None, tiny_tokenizer, list(reversed(TEXTS)), [1, 0])[0], both[0].flip(0))
+    assert again.computed == 0
 
 
 def test_mean_difference_recovers_a_planted_direction():

