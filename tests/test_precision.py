@@ -44,16 +44,22 @@ def test_autocast_only_for_bf16_frozen_weights_with_fp32_adapters(tiny_model_dir
 
 
 class _AdapterInputs(TrainerCallback):
-    """The dtype of what the first adapter multiplies in each training step's forward pass, and what PEFT's
-    input cast is set to between steps."""
+    """The dtypes of what the first adapter receives and returns in each training step's forward pass (PEFT casts
+    the input to the adapter's fp32 unless its cast is off; autocast makes the matmul bf16 either way), and what
+    PEFT's input cast is set to between steps."""
 
     def __init__(self) -> None:
         self.seen: list[torch.dtype] = []
+        self.inputs: list[torch.dtype] = []
         self.cast_between_steps: list[bool] = []
+
+    def record(self, module, inputs, output) -> None:  # noqa: ANN001
+        self.inputs.append(inputs[0].dtype)
+        self.seen.append(output.dtype)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
-        layer.lora_A["default"].register_forward_hook(lambda mod, inp, out: self.seen.append(out.dtype))
+        layer.lora_A["default"].register_forward_hook(self.record)
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -74,6 +80,7 @@ def test_sft_steps_run_the_adapters_in_bf16_and_learn_as_fp32_adapters_do(tiny_m
     plain, plain_summary, plain_probe = _train(tiny_model_dir, tmp_path / "plain", autocast=False)
     assert summary["autocast"] == "bfloat16" and plain_summary["autocast"] is None
     assert set(probe.seen) == {torch.bfloat16} and set(plain_probe.seen) == {torch.float32}
+    assert set(probe.inputs) == {torch.bfloat16} and set(plain_probe.inputs) == {torch.float32}  # no fp32 copy
     assert probe.cast_between_steps and all(probe.cast_between_steps)  # PEFT's own cast back after each step
     adapters = {n: p for n, p in mixed.named_parameters() if "lora_B" in n}
     assert {p.dtype for p in adapters.values()} == {torch.float32}
@@ -95,7 +102,7 @@ def test_sft_steps_run_the_adapters_in_bf16_and_learn_as_fp32_adapters_do(tiny_m
 def test_gradient_checkpointing_recomputes_under_the_same_precision(tiny_model_dir, tmp_path):
     _, summary, probe = _train(tiny_model_dir, tmp_path / "gc", autocast=True, checkpointing=True)
     _, plain, _ = _train(tiny_model_dir, tmp_path / "nogc", autocast=True)
-    assert summary["autocast"] == "bfloat16" and set(probe.seen) == {torch.bfloat16}
+    assert summary["autocast"] == "bfloat16" and set(probe.seen) == set(probe.inputs) == {torch.bfloat16}
     assert [h["loss"] for h in summary["log_history"] if "loss" in h] == pytest.approx(
         [h["loss"] for h in plain["log_history"] if "loss" in h], rel=0.02)
 

@@ -61,10 +61,15 @@ def test_activation_cache_reuses_and_extends(tiny_model_dir, tiny_tokenizer, tmp
     both = cache.get(model, tiny_tokenizer, TEXTS, [0, 1])
     assert torch.equal(both[1][:2], first[1]) and both[1].shape[0] == 3 and cache.computed == 3  # only the new one
     assert torch.allclose(both[1], final_token_activations(model, tiny_tokenizer, TEXTS, [1])[1], atol=1e-5)
-    (tmp_path / "tiny" / "acts-interrupted.tmp").write_bytes(b"cut short")  # a write killed before its rename
+    (tmp_path / "tiny" / "acts-interrupted.1-ab.tmp").write_bytes(b"cut short")  # killed before its rename
     again = ActivationCache(tmp_path, "tiny")  # another run: read from disk, no model needed
-    assert torch.equal(again.get(None, tiny_tokenizer, list(reversed(TEXTS)), [1, 0])[0], both[0].flip(0))
+    assert torch.equal(again.get(None, tiny_tokenizer, TEXTS, [0])[0], both[0])
+    assert set(again._rows) == {0}  # only the layer asked for was loaded
+    assert torch.equal(again.get(None, tiny_tokenizer, list(reversed(TEXTS)), [1, 0])[1], both[1].flip(0))
     assert again.computed == 0
+    (tmp_path / "tiny" / "acts-zzz.safetensors").write_bytes(b"not a safetensors file")  # unreadable: passed over
+    third = ActivationCache(tmp_path, "tiny")
+    assert torch.equal(third.get(None, tiny_tokenizer, TEXTS, [0, 1])[1], both[1]) and third.computed == 0
 
 
 def test_mean_difference_recovers_a_planted_direction():

