@@ -47,12 +47,12 @@ def step_seconds(cls: type, source: str, tok, rows: list[dict], steps: int, batc
     timer = StepTimer()
     trainer = cls(model=load_model(source, ModelConfig()), args=args, train_dataset=Dataset.from_list(rows),
                   processing_class=tok, peft_config=peft_lora_config(LoraConfig()), callbacks=[timer])
-    dtype = trainer.enable_cpu_autocast() if autocast else None  # as `run_dpo` does (train/precision.py)
+    precision = trainer.enable_cpu_autocast() if autocast else None  # as `run_dpo` does (train/precision.py)
     trainer.train()
     timed = timer.seconds[1:]
     margins = [h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h]
     return {"step_seconds": round(sum(timed) / len(timed), 3), "steps_timed": len(timed),
-            "autocast": str(dtype).removeprefix("torch.") if dtype else None,
+            "autocast": precision,
             "final_reward_margin": margins[-1] if margins else None}
 
 

