@@ -88,6 +88,7 @@ def main() -> None:
                             evaluate=lambda m, s: {}, max_new_tokens=args.completion_length)
             return run_rl(job, pm, [])[1]
 
+        rl_run("warm-up", cfg.model_copy(update={"max_steps": 1}))  # the process's one-time costs, for neither run
         with trl_paths():
             baseline = rl_run("trl", cfg.model_copy(update={"cpu_autocast": False}))
         rl = rl_run("rl", cfg)
