@@ -62,6 +62,8 @@ bench: model
 	$(BIN)/python bench/bench_training.py
 	$(BIN)/python bench/bench_rl.py
 	$(BIN)/python bench/bench_dpo.py
+	$(BIN)/python bench/bench_head_loss.py
+	$(BIN)/python bench/bench_roofline.py
 
 clean:
 	rm -rf $(VENV) $(SEMGREP_VENV) runs

@@ -1,13 +1,15 @@
-"""The SFT loss at a frozen LM head on a CPU (`train/lm_head.py: FrozenHeadCrossEntropy`, forward with the
-gradient it keeps), in chunks of 128, 256 and 512 label tokens, against the same arithmetic with a fresh tensor
-for each chunk's logits, log-probabilities and cast (the implementation before `_ChunkBuffers`), same run, bf16:
+"""The SFT loss at a frozen LM head on a CPU (`train/lm_head.py: FrozenHeadCrossEntropy`: the forward pass,
+which computes the gradient it keeps, and the backward pass, which scales it), in chunks of 128, 256 and 512
+label tokens, against the same forward arithmetic with a fresh tensor for each chunk's logits, log-probabilities
+and cast (the implementation before `_ChunkBuffers`; no backward pass, so the baseline is timed for less work),
+same run, bf16:
 
 - SmolLM2-135M's own head (49152 x 576, the embedded default) and 800 label tokens (a demo batch's worth);
 - a head of Llama-3.2-1B's shape (128256 x 2048, random) and 1,720 label tokens (8 rows of 215).
 
 Fresh tensors of a chunk's size come from the kernel as new pages (faulted in and zeroed at each chunk); the
-reused buffers give the same values to the bit, which this script checks. `frozen_head_chunk` picks the chunk
-from the hidden size.
+reused buffers give the same values to the bit at the same chunk, which this script checks. `frozen_head_chunk`
+picks the chunk from the hidden size (`chosen_chunk`).
 
     python bench/bench_head_loss.py [--repeats 5]
 

