@@ -8,8 +8,8 @@ machine).
 A stage cannot run its matmuls faster than they run here, alone and repeated on the same operands (warm caches;
 in a real step the weights and activations come from memory: the demo's down projection, 688 x 1536 x 576, ran
 at about 920 GFLOP/s inside a profiled training step, where the layer's projections at 800 rows run at about
-1,900 here), and it also runs norms,
-attention, casts and sampling, which gain nothing from AMX: so these fractions bound the stage's MFU from above.
+1,900 here), and it also runs norms, attention, casts and sampling, which gain nothing from AMX: so these
+fractions bound the stage's MFU from above.
 
     python bench/bench_roofline.py [--arch smollm2-135m | llama-3.2-1b | ...] [--dtype bfloat16] [--repeats 10]
 
