@@ -268,9 +268,27 @@ def test_merged_lora_layers_sample_from_the_saved_weights_and_give_the_layers_ba
         handle.remove()
         with merged_lora_layers(model, active=False) as merged:
             assert merged == 0
+        with model.disable_adapter():
+            base_logits = model(ids).logits
+        with merged_lora_layers(model) as merged, model.disable_adapter():  # switched off inside: PEFT's forward
+            assert merged == len(layers) and torch.equal(model(ids).logits, base_logits)
+    with merged_lora_layers(model) as merged:  # with gradients: the adapters' own path, which they learn through
+        loss = model(ids).logits.float().sum()
+        loss.backward()
+        assert merged == len(layers) and torch.allclose(loss, through_adapters.float().sum())
+        assert all(m.lora_B["default"].weight.grad is not None for m in layers)
     dropped = add_lora(_bf16(tiny_model_dir), LoraConfig(dropout=0.1)).train()
     with torch.no_grad(), merged_lora_layers(dropped) as merged:
         assert merged == 0
+    import psutil
+
+    class Scarce:
+        available = 1000  # bytes: the merged copies would not fit in a quarter
+
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(psutil, "virtual_memory", lambda: Scarce())
+        with merged_lora_layers(model) as merged:
+            assert merged == 0
 
 
 def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
@@ -304,7 +322,7 @@ def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
     @contextlib.contextmanager
     def recording_merge(model, active):  # noqa: ANN001, ANN202
         with merged_lora_layers(model, active) as merged:
-            seen["merged_layers"].append(merged)
+            seen["merged_layers"].append((merged, sum(isinstance(m, LoraLayer) for m in model.modules())))
             yield merged
 
     with pytest.MonkeyPatch.context() as patch:
@@ -334,7 +352,9 @@ def test_rl_steps_sample_and_learn_under_autocast(tiny_model_dir, tmp_path):
     assert set(probe.fused) == {True} and set(plain_probe.fused) == {False}
     assert all(probe.cast_between_steps) and not any(probe.fused_between_steps)
     # each rollout sampled with the LoRA layers merged (all but the probe's, hooked), none with fp32 adapters
-    assert len(seen["merged_layers"]) == 3 and min(seen["merged_layers"]) > 0 and plain_seen["merged_layers"] == [0] * 3
+    n_lora = seen["merged_layers"][0][1]
+    assert seen["merged_layers"] == [(n_lora - 1, n_lora)] * 3 and n_lora > 1
+    assert plain_seen["merged_layers"] == [(0, n_lora)] * 3
     for s in (seen, plain_seen):  # one strided prefill per rollout, made contiguous
         assert s["head_input_contiguous"].count(False) == 3
         assert s["reward_autocast"] == [False] * 3

