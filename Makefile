@@ -64,6 +64,7 @@ bench: model
 	$(BIN)/python bench/bench_dpo.py
 	$(BIN)/python bench/bench_head_loss.py
 	$(BIN)/python bench/bench_roofline.py
+	$(BIN)/python bench/bench_sampling.py
 
 clean:
 	rm -rf $(VENV) $(SEMGREP_VENV) runs
