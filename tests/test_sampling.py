@@ -52,6 +52,23 @@ def test_draws_follow_the_probabilities_and_never_a_zero_one(monkeypatch, vocab)
         assert bool((weights.gather(1, drawn) > 0).all()), (extreme, drawn)
 
 
+def test_a_dense_row_over_several_blocks_and_a_strided_input():
+    """fp32 softmax rows over 600 entries (block sums inexact: the in-block scaling at work) fit their
+    probabilities; a non-contiguous input draws what its contiguous copy draws."""
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(600, 2) * 0.5, 0).T  # [2, 600], strided
+    assert not probs.is_contiguous()
+    torch.manual_seed(2)
+    strided = inverse_cdf_sample(probs)
+    torch.manual_seed(2)
+    assert torch.equal(strided, inverse_cdf_sample(probs.contiguous()))
+    draws = torch.cat([inverse_cdf_sample(probs.repeat(2000, 1)).view(2000, 2) for _ in range(30)])
+    for row in range(2):
+        counts = np.bincount(draws[:, row].numpy(), minlength=600)
+        expected = (probs[row].double() / probs[row].double().sum() * len(draws)).numpy()
+        assert chisquare(counts, expected).pvalue > 1e-3
+
+
 def test_a_one_dimensional_input_gives_one_index_like_multinomial():
     probs = torch.tensor([0.0, 0.0, 1.0])
     assert inverse_cdf_sample(probs).tolist() == ORIGINAL(probs, 1).tolist() == [2]
@@ -72,15 +89,19 @@ def test_only_the_calls_it_answers_are_answered_and_torch_errors_stay():
         probs = torch.softmax(torch.randn(4, 10), -1)
         with inverse_cdf_sampling():
             assert torch.multinomial(probs, num_samples=1).shape == (4, 1)
+            assert torch.multinomial(input=probs[0], num_samples=1).shape == (1,)  # torch's keyword
             assert torch.multinomial(probs, 3).shape == (4, 3)  # several samples: torch's
             assert torch.multinomial(probs, 1, replacement=True).shape == (4, 1)
             assert torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(1)).shape == (4, 1)
+            out = torch.empty(4, 1, dtype=torch.long)
+            assert torch.multinomial(probs, 1, out=out) is out
+            assert torch.multinomial(probs.bfloat16(), 1).shape == (4, 1)  # half precision: torch's
+            assert torch.multinomial(torch.zeros(0, 10), 1).shape == (0, 1)  # no rows: torch's
             for bad in (torch.tensor([[0.5, -0.1]]), torch.tensor([[float("nan"), 1.0]]), torch.zeros(1, 3),
                         torch.tensor([[float("inf"), 1.0]])):
                 with pytest.raises(RuntimeError):
                     torch.multinomial(bad, 1)
-        assert torch.multinomial(torch.zeros(0, 10), 1).shape == (0, 1)  # no rows: torch's
-        assert answered == [(4, 10)]
+        assert answered == [(4, 10), (10,)]
     finally:
         sampling.inverse_cdf_sample = real
     assert torch.multinomial is ORIGINAL
@@ -110,6 +131,16 @@ def test_blocks_nest_and_overlap_across_threads_and_restore_torch():
     with pytest.raises(ValueError), inverse_cdf_sampling():
         raise ValueError
     assert torch.multinomial is ORIGINAL
+
+    def theirs(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return ORIGINAL(*args, **kwargs)
+
+    try:
+        with inverse_cdf_sampling():
+            torch.multinomial = theirs  # someone else's patch, made inside the block: left to them
+        assert torch.multinomial is theirs
+    finally:
+        torch.multinomial = ORIGINAL
 
 
 def test_sampled_generation_draws_through_it_on_a_cpu_and_greedy_does_not(tiny_model_dir, monkeypatch):

