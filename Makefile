@@ -65,6 +65,8 @@ bench: model
 	$(BIN)/python bench/bench_head_loss.py
 	$(BIN)/python bench/bench_roofline.py
 	$(BIN)/python bench/bench_sampling.py
+	$(BIN)/python bench/bench_norm.py
+	$(BIN)/python bench/bench_norm.py --dtype float32 --pairs 16
 
 clean:
 	rm -rf $(VENV) $(SEMGREP_VENV) runs
