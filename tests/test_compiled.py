@@ -101,6 +101,22 @@ def test_inductor_compiles_the_layers_and_learns_as_eager_ones(tiny_model_dir, t
     assert _losses(summary) == pytest.approx(_losses(eager), rel=1e-3)
 
 
+@pytest.mark.parametrize("method", ["rl", "dpo"])
+def test_cli_rl_and_dpo_stages_train_with_compiled_layers(tiny_model_dir, tmp_path, monkeypatch, method):
+    """RL samples its rollouts inside the step (eager layers, no gradients) and DPO scores a reference: both train
+    through the compiled layers without a graph break."""
+    monkeypatch.setattr(compiled, "BACKEND", "eager")
+    sets = [*tiny_overrides(tiny_model_dir, tmp_path), "probe.enabled=false", f"safety_training.method={method}",
+            "safety_training.max_steps=2", "safety_training.eval_every=2", "safety_training.torch_compile=true",
+            f"name={method}"]
+    result = CliRunner().invoke(app, ["run", str(DEMO), *[x for s in sets for x in ("--set", s)]],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    training = json.loads((tmp_path / method / "safety" / "manifest.json").read_text())["metrics"]["training"]
+    assert training["compiled_layers"] > 0 and training["compile"]["graph_breaks"] == 0, training["compile"]
+    assert training["compile"]["graphs"] >= 1
+
+
 def test_compile_with_gradient_checkpointing_is_refused_by_the_config(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="torch_compile and gradient_checkpointing"):
         TrainConfig(torch_compile=True, gradient_checkpointing=True)

