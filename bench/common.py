@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,3 +37,18 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return round(min(times), 4)
+
+
+def alternating(names: list[str], rounds: int) -> Iterator[str]:
+    """`names` in order in even rounds and reversed in odd ones, so that neither variant always runs first."""
+    for r in range(rounds):
+        yield from (names if r % 2 == 0 else names[::-1])
+
+
+def paired_speedup(baseline: list[float], candidate: list[float]) -> dict:
+    """The median and quartiles of baseline / candidate time ratios taken pair by pair (a machine whose speed drifts
+    between pairs still gives a paired figure)."""
+    ratios = sorted(a / b for a, b in zip(baseline, candidate, strict=True))
+    quarter = len(ratios) // 4
+    return {"paired_speedup_median": round(statistics.median(ratios), 3),
+            "paired_speedup_quartiles": [round(ratios[quarter], 3), round(ratios[-quarter - 1], 3)]}
